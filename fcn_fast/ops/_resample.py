@@ -1,0 +1,189 @@
+"""Bilinear resampling geometry: the Caffe bilinear filler, output sizes, and the tap tables every native kernel
+(cpu, cuda, triton) reads. The reference backend does not use them: it calls F.conv_transpose2d / F.interpolate.
+
+Tables (per axis, see kernels/include/fcn_fast/bilinear.h):
+  index   (out, 2) int32   the two input positions output position o reads (always in bounds)
+  weight  (out, 2) float   their weights (float64 for float64 inputs, else float32)
+  readers (in, 2)  int32   [start, stop) of the output positions that read input position i
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+MODES = ("deconv", "interp")
+
+
+def deconv_kernel_size(factor: int) -> int:
+    """Kernel size of FCN's bilinear deconvolution for an upsampling factor (4 for x2, 16 for x8, 64 for x32)."""
+    return 2 * factor - factor % 2
+
+
+def deconv_output_size(in_size: int, factor: int) -> int:
+    """Size of ``conv_transpose2d(stride=factor, kernel=deconv_kernel_size(factor), padding=0)`` along one axis."""
+    return (in_size - 1) * factor + deconv_kernel_size(factor)
+
+
+def bilinear_filler_1d(kernel_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The 1D Caffe/FCN bilinear filler ("upsample_filt"): 1 - |k - center| / f, f = ceil(kernel_size / 2)."""
+    f = (kernel_size + 1) // 2
+    center = f - 1 if kernel_size % 2 == 1 else f - 0.5
+    k = torch.arange(kernel_size, dtype=torch.float64)
+    return (1 - (k - center).abs() / f).to(dtype)
+
+
+def bilinear_kernel(channels: int, factor: int, dtype: torch.dtype = torch.float32, *, diagonal: bool = False) -> torch.Tensor:
+    """The bilinear deconvolution weight for ``conv_transpose2d``.
+
+    ``diagonal=False``: depthwise, shape (C, 1, K, K), for ``groups=C``.
+    ``diagonal=True``: shape (C, C, K, K), bilinear on the diagonal and zero elsewhere (Caffe's learnable form).
+    """
+    size = deconv_kernel_size(factor)
+    filt = bilinear_filler_1d(size)
+    kernel2d = (filt[:, None] * filt[None, :]).to(dtype)
+    if not diagonal:
+        return kernel2d.expand(channels, 1, size, size).contiguous()
+    weight = torch.zeros(channels, channels, size, size, dtype=dtype)
+    idx = torch.arange(channels)
+    weight[idx, idx] = kernel2d
+    return weight
+
+
+@dataclass(frozen=True)
+class AxisTaps:
+    index: torch.Tensor
+    weight: torch.Tensor
+    readers: torch.Tensor
+
+
+def _deconv_taps(in_size: int, out_size: int, factor: int, offset: int):
+    """Output o is position p = o + offset of the full transposed convolution, which reads inputs p // f (kernel
+    tap p % f) and p // f - 1 (tap p % f + f) when those exist."""
+    filt = bilinear_filler_1d(deconv_kernel_size(factor))
+    ksize = filt.numel()
+    p = torch.arange(out_size, dtype=torch.int64) + offset
+    i1 = p // factor
+    k1 = p - i1 * factor
+    i0 = i1 - 1
+    k0 = k1 + factor
+    has1 = i1 < in_size
+    has0 = (i0 >= 0) & (k0 < ksize)
+    w1 = torch.where(has1, filt[k1.clamp(max=ksize - 1)], torch.zeros(()))
+    w0 = torch.where(has0, filt[k0.clamp(max=ksize - 1)], torch.zeros(()))
+    # A missing tap repeats the other position with weight 0, so every index stays in bounds.
+    i1 = torch.where(has1, i1, i0)
+    i0 = torch.where(has0, i0, i1)
+    return torch.stack([i0, i1], 1), torch.stack([w0, w1], 1)
+
+
+def _interp_taps(in_size: int, out_size: int, align_corners: bool, double: bool):
+    """PyTorch's upsample_bilinear2d source index (area_pixel_compute_source_index), in its arithmetic: float32
+    for float/half/bfloat16 inputs, float64 for float64."""
+    dt = torch.float64 if double else torch.float32
+    o = torch.arange(out_size, dtype=dt)
+    if align_corners:
+        scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=dt)
+        src = scale * o
+    else:
+        scale = torch.tensor(in_size, dtype=dt) / torch.tensor(out_size, dtype=dt)
+        src = (scale * (o + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
+    lam = (src - i0.to(dt)).clamp(min=0, max=1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w = torch.stack([1 - lam, lam], 1).to(torch.float64)
+    return torch.stack([i0, i1], 1), w
+
+
+def _readers(index: torch.Tensor, weight: torch.Tensor, in_size: int) -> torch.Tensor:
+    out_size = index.shape[0]
+    o = torch.arange(out_size, dtype=torch.int64).repeat_interleave(2)
+    flat = index.reshape(-1)
+    reads = weight.reshape(-1) != 0
+    start = torch.full((in_size,), out_size, dtype=torch.int64).scatter_reduce(0, flat[reads], o[reads], "amin")
+    stop = torch.zeros(in_size, dtype=torch.int64).scatter_reduce(0, flat[reads], o[reads] + 1, "amax")
+    stop = torch.maximum(stop, start)  # inputs nobody reads get an empty range
+    # Contiguity (monotone taps) is what lets backward kernels gather over [start, stop); check it once here.
+    count = torch.zeros(in_size, dtype=torch.int64).index_add_(0, flat[reads], torch.ones_like(o[reads]))
+    assert bool((count <= 2 * (stop - start)).all()), "tap tables are not monotone"
+    return torch.stack([start, stop], 1)
+
+
+@functools.lru_cache(maxsize=512)
+def axis_taps(mode: str, in_size: int, out_size: int, factor: int, offset: int, align_corners: bool,
+              device: torch.device, double: bool) -> AxisTaps:
+    """Tap tables for one axis, cached per geometry and device (built on the CPU, copied once)."""
+    if mode == "deconv":
+        index, weight = _deconv_taps(in_size, out_size, factor, offset)
+    elif mode == "interp":
+        index, weight = _interp_taps(in_size, out_size, align_corners, double)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    readers = _readers(index, weight, in_size)
+    wdtype = torch.float64 if double else torch.float32
+    return AxisTaps(
+        index=index.to(torch.int32).contiguous().to(device),
+        weight=weight.to(wdtype).contiguous().to(device),
+        readers=readers.to(torch.int32).contiguous().to(device),
+    )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What an upsampling does along both axes: the input size, the output size and how one maps to the other."""
+
+    mode: str
+    in_hw: Tuple[int, int]
+    out_hw: Tuple[int, int]
+    factor: int
+    offset: Tuple[int, int]
+    align_corners: bool
+
+    def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
+        double = dtype == torch.float64
+        rows = axis_taps(self.mode, self.in_hw[0], self.out_hw[0], self.factor, self.offset[0], self.align_corners, device, double)
+        cols = axis_taps(self.mode, self.in_hw[1], self.out_hw[1], self.factor, self.offset[1], self.align_corners, device, double)
+        return rows, cols
+
+    def full_hw(self) -> Tuple[int, int]:
+        """The uncropped output size: the whole transposed convolution (deconv) or h*f, w*f (interp)."""
+        if self.mode == "deconv":
+            return deconv_output_size(self.in_hw[0], self.factor), deconv_output_size(self.in_hw[1], self.factor)
+        return self.in_hw[0] * self.factor, self.in_hw[1] * self.factor
+
+
+def upsample_reference(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The bilinear part of upsample_add in plain PyTorch: the ground truth for every backend."""
+    import torch.nn.functional as F
+
+    if geometry.mode == "interp":
+        return F.interpolate(x, size=geometry.out_hw, mode="bilinear", align_corners=geometry.align_corners)
+    weight = bilinear_kernel(x.shape[1], geometry.factor, dtype=x.dtype).to(x.device)
+    full = F.conv_transpose2d(x, weight, stride=geometry.factor, groups=x.shape[1])
+    (oy, ox), (h, w) = geometry.offset, geometry.out_hw
+    return full[:, :, oy:oy + h, ox:ox + w]
+
+
+def upsample_reference_backward(grad: torch.Tensor, geometry: Geometry, x_shape) -> torch.Tensor:
+    """The adjoint of :func:`upsample_reference` through PyTorch's own ops (autograd is off inside custom ops):
+    deconv is conv_transpose2d, whose adjoint is conv2d with the same kernel after undoing the crop; interp is
+    upsample_bilinear2d, whose adjoint PyTorch provides."""
+    import torch.nn.functional as F
+
+    if geometry.mode == "interp":
+        return torch.ops.aten.upsample_bilinear2d_backward(
+            grad, list(geometry.out_hw), list(x_shape), geometry.align_corners, None, None)
+    full_h, full_w = geometry.full_hw()
+    (oy, ox), (h, w) = geometry.offset, geometry.out_hw
+    full = F.pad(grad, (ox, full_w - ox - w, oy, full_h - oy - h))
+    weight = bilinear_kernel(grad.shape[1], geometry.factor, dtype=grad.dtype).to(grad.device)
+    return F.conv2d(full, weight, stride=geometry.factor, groups=grad.shape[1])
+
+
+__all__ = [
+    "AxisTaps", "Geometry", "MODES", "axis_taps", "bilinear_filler_1d", "bilinear_kernel", "deconv_kernel_size",
+    "deconv_output_size", "upsample_reference", "upsample_reference_backward",
+]

@@ -1,0 +1,251 @@
+"""upsample_add: bilinear upsampling (FCN's fixed deconvolution, or F.interpolate) + crop + scaled skip add, fused.
+
+Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
+fake kernel) of one op live here; its kernels live in kernels/cpu, kernels/cuda and fcn_fast/ops/triton_upsample_add.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from fcn_fast import _backends
+from fcn_fast._validation import check_int, check_pair, check_same, check_tensor, describe
+from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsample_reference,
+                                    upsample_reference_backward)
+
+OP = "upsample_add"
+
+
+def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners) -> Geometry:
+    factor = check_int(OP, "factor", factor, minimum=1)
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    offset = check_pair(OP, "offset", offset, minimum=0)
+    if mode == "deconv":
+        full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
+        if out_size is None:
+            out = (full[0] - offset[0], full[1] - offset[1])
+        else:
+            out = check_pair(OP, "out_size", out_size, minimum=1)
+        if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
+            raise ValueError(
+                f"{OP}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
+                f"(input {h}x{w}, factor {factor})")
+    else:
+        if offset != (0, 0):
+            raise ValueError(f"{OP}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
+        out = (h * factor, w * factor) if out_size is None else check_pair(OP, "out_size", out_size, minimum=1)
+    if mode == "deconv" and align_corners:
+        raise ValueError(f"{OP}: align_corners applies to mode='interp' only")
+    return Geometry(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
+
+
+def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
+    check_tensor(OP, "x", x, ndim=4)
+    geometry = _geometry(x, *geometry_args)
+    skip_offset = check_pair(OP, "skip_offset", skip_offset, minimum=0)
+    if not isinstance(skip_scale, (int, float)) or isinstance(skip_scale, bool):
+        raise TypeError(f"{OP}: skip_scale must be a float, got {skip_scale!r}")
+    if skip is not None:
+        check_tensor(OP, "skip", skip, ndim=4)
+        check_same(OP, "x", x, "skip", skip)
+        if skip.shape[0] != x.shape[0] or skip.shape[1] != x.shape[1]:
+            raise ValueError(f"{OP}: skip must have the N and C of x, got x: {describe(x)}; skip: {describe(skip)}")
+        (sy, sx), (oh, ow) = skip_offset, geometry.out_hw
+        if sy + oh > skip.shape[2] or sx + ow > skip.shape[3]:
+            raise ValueError(
+                f"{OP}: skip of {tuple(skip.shape[2:])} is too small for an {oh}x{ow} crop at skip_offset "
+                f"{skip_offset}")
+    return geometry, skip_offset, float(skip_scale)
+
+
+def upsample_add_reference(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor: int, mode: str = "interp",
+                           out_size: Optional[Sequence[int]] = None, offset=(0, 0), skip_offset=(0, 0),
+                           skip_scale: float = 1.0, align_corners: bool = False) -> torch.Tensor:
+    """upsample_add in plain, differentiable PyTorch (the ground truth)."""
+    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    return _reference_forward(x, skip, geometry, skip_offset, skip_scale)
+
+
+def _reference_forward(x, skip, geometry: Geometry, skip_offset, skip_scale) -> torch.Tensor:
+    out = upsample_reference(x, geometry)
+    if skip is not None:
+        (sy, sx), (h, w) = skip_offset, geometry.out_hw
+        out = out + skip_scale * skip[:, :, sy:sy + h, sx:sx + w]
+    return out.contiguous()
+
+
+def _reference_backward(grad, geometry: Geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+    grad_x = grad_skip = None
+    if need_x:
+        grad_x = upsample_reference_backward(grad, geometry, x_shape).contiguous()
+    if need_skip:
+        (sy, sx), (h, w) = skip_offset, geometry.out_hw
+        grad_skip = grad.new_zeros(skip_shape)
+        grad_skip[:, :, sy:sy + h, sx:sx + w] = grad * skip_scale
+    return grad_x, grad_skip
+
+
+# ---- backend implementations: (x, skip, geometry, skip_offset, skip_scale) -> out --------------------------------
+
+def _native_forward(x, skip, geometry, skip_offset, skip_scale):
+    rows, cols = geometry.taps(x.device, x.dtype)
+    return torch.ops.fcn_fast._upsample_add_fwd(
+        x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
+
+
+def _native_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+    rows, cols = geometry.taps(grad.device, grad.dtype)
+    grad_x, grad_skip = torch.ops.fcn_fast._upsample_add_bwd(
+        grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
+        x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
+        need_x, need_skip)
+    return (grad_x if need_x else None), (grad_skip if need_skip else None)
+
+
+def _triton_forward(x, skip, geometry, skip_offset, skip_scale):
+    from fcn_fast.ops import triton_upsample_add
+
+    return triton_upsample_add.forward(x, skip, geometry, skip_offset, skip_scale)
+
+
+def _triton_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+    from fcn_fast.ops import triton_upsample_add
+
+    return triton_upsample_add.backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip)
+
+
+_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
+_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward, "triton": _triton_backward}
+
+
+# ---- torch.library registration ----------------------------------------------------------------------------------
+# The custom ops take only tensors and plain scalars, so torch.compile sees one opaque node per call.
+
+def _unpack(in_h, in_w, out_h, out_w, factor, mode, offset_y, offset_x, align_corners) -> Geometry:
+    return Geometry(mode, (in_h, in_w), (out_h, out_w), factor, (offset_y, offset_x), align_corners)
+
+
+@torch.library.custom_op("fcn_fast::upsample_add", mutates_args=())
+def _upsample_add_op(x: torch.Tensor, skip: Optional[torch.Tensor], factor: int, mode: str, out_h: int, out_w: int,
+                     offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float, align_corners: bool,
+                     backend: str) -> torch.Tensor:
+    geometry = _unpack(x.shape[2], x.shape[3], out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
+    if x.numel() == 0:
+        return x.new_zeros((x.shape[0], x.shape[1], out_h, out_w))
+    return _FORWARD[backend](x, skip, geometry, (skip_y, skip_x), skip_scale)
+
+
+@_upsample_add_op.register_fake
+def _(x, skip, factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend):
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+
+@torch.library.custom_op("fcn_fast::upsample_add_backward", mutates_args=())
+def _upsample_add_backward_op(grad: torch.Tensor, in_h: int, in_w: int, skip_h: int, skip_w: int, factor: int,
+                              mode: str, offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float,
+                              align_corners: bool, need_x: bool, need_skip: bool,
+                              backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, c, out_h, out_w = grad.shape
+    geometry = _unpack(in_h, in_w, out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
+    x_shape, skip_shape = (n, c, in_h, in_w), (n, c, skip_h, skip_w)
+    if grad.numel() == 0:
+        grad_x, grad_skip = grad.new_zeros(x_shape), grad.new_zeros(skip_shape)
+    else:
+        grad_x, grad_skip = _BACKWARD[backend](grad.contiguous(), geometry, x_shape, skip_shape, (skip_y, skip_x),
+                                               skip_scale, need_x, need_skip)
+    # Custom ops return tensors only: an output nobody asked for comes back empty.
+    return (grad_x if need_x else grad.new_empty(0)), (grad_skip if need_skip else grad.new_empty(0))
+
+
+@_upsample_add_backward_op.register_fake
+def _(grad, in_h, in_w, skip_h, skip_w, factor, mode, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners,
+      need_x, need_skip, backend):
+    n, c = grad.shape[0], grad.shape[1]
+    grad_x = grad.new_empty((n, c, in_h, in_w)) if need_x else grad.new_empty(0)
+    grad_skip = grad.new_empty((n, c, skip_h, skip_w)) if need_skip else grad.new_empty(0)
+    return grad_x, grad_skip
+
+
+def _setup_context(ctx, inputs, output):
+    x, skip = inputs[0], inputs[1]
+    ctx.args = inputs[2:]
+    ctx.in_hw = (x.shape[2], x.shape[3])
+    ctx.skip_hw = (skip.shape[2], skip.shape[3]) if skip is not None else (0, 0)
+
+
+def _backward(ctx, grad):
+    factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend = ctx.args
+    need_x, need_skip = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_skip = torch.ops.fcn_fast.upsample_add_backward(
+        grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
+        skip_y, skip_x, skip_scale, align_corners, need_x, need_skip, backend)
+    return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
+
+
+_upsample_add_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------------
+
+def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor: int, mode: str = "interp",
+                 out_size: Optional[Sequence[int]] = None, offset=(0, 0), skip_offset=(0, 0), skip_scale: float = 1.0,
+                 align_corners: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """Bilinear upsampling of ``x`` plus an optional cropped, scaled skip, in one pass (forward and backward).
+
+    Args:
+        x: Tensor[N, C, h, w], float32/float64/float16/bfloat16 (accumulates in float32; float64 in float64).
+        skip: optional Tensor[N, C, Hs, Ws] of x's dtype and device, added as
+            ``skip_scale * skip[:, :, sy:sy+H, sx:sx+W]`` with ``(sy, sx) = skip_offset``.
+        factor: integer upsampling factor >= 1.
+        mode: ``"deconv"``: FCN's fixed bilinear deconvolution, exactly
+            ``F.conv_transpose2d(x, k, stride=factor, groups=C)`` with the Caffe bilinear kernel of size
+            ``2*factor - factor % 2``, then cropped to ``out_size`` starting at ``offset`` (default: the rest of the
+            full output). ``"interp"``: exactly ``F.interpolate(x, size=out_size or (h*factor, w*factor),
+            mode="bilinear", align_corners=align_corners)``; ``offset`` must be (0, 0).
+        out_size: (H, W) of the result.
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
+
+    Returns:
+        Tensor[N, C, H, W], contiguous, of x's dtype. Gradients flow to x and skip (backward is a deterministic gather).
+    """
+    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    name = _backends.resolve_backend(backend, x.device, OP)
+    return torch.ops.fcn_fast.upsample_add(
+        x, skip, geometry.factor, geometry.mode, geometry.out_hw[0], geometry.out_hw[1], geometry.offset[0],
+        geometry.offset[1], skip_offset[0], skip_offset[1], skip_scale, geometry.align_corners, name)
+
+
+class UpsampleAdd(torch.nn.Module):
+    """Module form of :func:`upsample_add` with the geometry fixed at construction: ``forward(x, skip=None)``."""
+
+    def __init__(self, factor: int, mode: str = "interp", out_size: Optional[Sequence[int]] = None, offset=(0, 0),
+                 skip_offset=(0, 0), skip_scale: float = 1.0, align_corners: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.factor, self.mode, self.out_size, self.offset = factor, mode, out_size, offset
+        self.skip_offset, self.skip_scale, self.align_corners, self.backend = skip_offset, skip_scale, align_corners, backend
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        return upsample_add(x, skip, factor=self.factor, mode=self.mode, out_size=out_size or self.out_size,
+                            offset=self.offset, skip_offset=self.skip_offset, skip_scale=self.skip_scale,
+                            align_corners=self.align_corners, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = [f"factor={self.factor}", f"mode={self.mode!r}"]
+        if self.out_size is not None:
+            parts.append(f"out_size={tuple(self.out_size)}")
+        if tuple(self.offset) != (0, 0):
+            parts.append(f"offset={tuple(self.offset)}")
+        if tuple(self.skip_offset) != (0, 0):
+            parts.append(f"skip_offset={tuple(self.skip_offset)}")
+        if self.skip_scale != 1.0:
+            parts.append(f"skip_scale={self.skip_scale}")
+        if self.align_corners:
+            parts.append("align_corners=True")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

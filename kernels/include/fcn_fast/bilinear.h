@@ -1,0 +1,40 @@
+// Bilinear resampling as tap tables, the one description of the geometry that every native kernel reads.
+//
+// The tables are built once per geometry by fcn_fast/ops/_resample.py (cached, so they cost nothing per call):
+//   index[o]   (int32 x2): the two input positions output position o reads on this axis (always in bounds; a
+//                          missing tap repeats the other position with weight 0)
+//   weight[o]  (acc x2)  : their weights; deconv mode gives the Caffe bilinear filler taps, interp mode 1-l, l
+//   readers[i] (int32 x2): [start, stop) of the output positions that read input position i (contiguous because the
+//                          map o -> index[o] is monotone). Backward kernels gather over this range: each input pixel
+//                          sums the gradients of the outputs that read it, so no atomics and a deterministic result.
+// A 2D output pixel (oy, ox) is the separable sum over the 2x2 taps of its row and column.
+#pragma once
+
+#include "fcn_fast/common.h"
+
+namespace fcn_fast {
+
+// Weight with which output position o reads input position i on one axis (0 when it does not read it).
+template <typename acc_t>
+FCN_HD acc_t tap_weight(const int32_t* index, const acc_t* weight, int64_t o, int64_t i) {
+  acc_t w = 0;
+  if (index[2 * o] == i) w += weight[2 * o];
+  if (index[2 * o + 1] == i) w += weight[2 * o + 1];
+  return w;
+}
+
+// Bilinear sample of one channel plane at output (oy, ox): the 2x2 taps of row oy and column ox.
+template <typename scalar_t, typename acc_t>
+FCN_HD acc_t sample_plane(const scalar_t* plane, int64_t in_w, const int32_t* row_index, const acc_t* row_weight,
+                          const int32_t* col_index, const acc_t* col_weight, int64_t oy, int64_t ox) {
+  const int64_t y0 = row_index[2 * oy], y1 = row_index[2 * oy + 1];
+  const int64_t x0 = col_index[2 * ox], x1 = col_index[2 * ox + 1];
+  const acc_t wy0 = row_weight[2 * oy], wy1 = row_weight[2 * oy + 1];
+  const acc_t wx0 = col_weight[2 * ox], wx1 = col_weight[2 * ox + 1];
+  const scalar_t* r0 = plane + y0 * in_w;
+  const scalar_t* r1 = plane + y1 * in_w;
+  return wy0 * (wx0 * static_cast<acc_t>(r0[x0]) + wx1 * static_cast<acc_t>(r0[x1])) +
+         wy1 * (wx0 * static_cast<acc_t>(r1[x0]) + wx1 * static_cast<acc_t>(r1[x1]));
+}
+
+}  // namespace fcn_fast

@@ -1,0 +1,47 @@
+// Shared by every C++ and CUDA source of fcn_fast._C: host/device qualifiers, the accumulate type, dtype dispatch
+// and the argument checks the kernels repeat after the Python front end (which raises the user-facing errors first:
+// these only guard against direct torch.ops calls with bad arguments, so a kernel never reads out of bounds).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FCN_HD __host__ __device__ __forceinline__
+#else
+#define FCN_HD inline
+#endif
+
+namespace fcn_fast {
+
+// Half and bfloat16 kernels accumulate in float; float64 in double.
+template <typename scalar_t>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_t = typename Acc<scalar_t>::type;
+
+// The floating dtypes every kernel supports.
+#define FCN_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline void check_taps(const at::Tensor& index, const at::Tensor& weight, const char* axis) {
+  TORCH_CHECK(index.dim() == 2 && index.size(1) == 2 && index.scalar_type() == at::kInt && index.is_contiguous(),
+              axis, "_index must be a contiguous int32 (out, 2) tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == 2 && weight.size(0) == index.size(0) && weight.is_contiguous(),
+              axis, "_weight must be a contiguous (out, 2) tensor matching ", axis, "_index");
+}
+
+inline void check_readers(const at::Tensor& readers, int64_t in_size, const char* axis) {
+  TORCH_CHECK(readers.dim() == 2 && readers.size(0) == in_size && readers.size(1) == 2 &&
+                  readers.scalar_type() == at::kInt && readers.is_contiguous(),
+              axis, "_readers must be a contiguous int32 (in, 2) tensor with in = ", in_size);
+}
+
+}  // namespace fcn_fast

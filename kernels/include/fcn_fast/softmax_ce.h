@@ -1,0 +1,92 @@
+// Per-pixel softmax cross-entropy, the math shared by the plain and the upsampling CE kernels on CPU and CUDA.
+//
+// With class weights w (all 1 when none), smoothing eps over C classes, target t and logits z:
+//   lse  = log sum_c exp(z_c)
+//   loss = (1 - eps) w_t (lse - z_t) + (eps / C) sum_c w_c (lse - z_c)        (torch.nn.functional.cross_entropy)
+//   dloss/dz_c = p_c ((1 - eps) w_t + (eps / C) sum_c w_c) - (1 - eps) w_t [c == t] - (eps / C) w_c,  p = softmax(z)
+// An ignored pixel (t == ignore_index, or any t outside [0, C) when the caller skipped the label check) has loss 0,
+// weight 0 and gradient 0. "mean" divides by the summed w_t of the pixels that are not ignored.
+#pragma once
+
+#include <cmath>
+
+#include "fcn_fast/common.h"
+
+namespace fcn_fast {
+
+template <typename acc_t>
+struct CeConfig {
+  const acc_t* class_weight;  // nullptr: all 1
+  acc_t weight_sum;           // sum of class_weight (C when none)
+  acc_t smoothing;
+  int64_t num_classes;
+  int64_t ignore_index;
+};
+
+template <typename acc_t>
+FCN_HD bool ce_is_ignored(const CeConfig<acc_t>& cfg, int64_t t) {
+  return t == cfg.ignore_index || t < 0 || t >= cfg.num_classes;
+}
+
+template <typename acc_t>
+FCN_HD acc_t ce_class_weight(const CeConfig<acc_t>& cfg, int64_t c) {
+  return cfg.class_weight ? cfg.class_weight[c] : acc_t(1);
+}
+
+// One streaming pass over the C logits of a pixel: running max and rescaled sum (online softmax), the target logit
+// and, for smoothing, the weighted logit sum. logit(c) returns z_c in acc_t.
+template <typename acc_t>
+struct CeAccumulator {
+  acc_t max = -INFINITY;
+  acc_t sum = 0;
+  acc_t target_logit = 0;
+  acc_t weighted_logit_sum = 0;
+
+  FCN_HD void add(const CeConfig<acc_t>& cfg, int64_t c, acc_t z, int64_t t) {
+    if (z > max) {
+      sum = sum * exp_(max - z) + acc_t(1);
+      max = z;
+    } else {
+      sum += exp_(z - max);  // z - max is NaN when z is NaN: NaN propagates as in PyTorch
+    }
+    if (c == t) target_logit = z;
+    weighted_logit_sum += ce_class_weight(cfg, c) * z;
+  }
+  FCN_HD acc_t lse() const { return max + log_(sum); }
+
+  static FCN_HD acc_t exp_(acc_t v) { return ::exp(v); }
+  static FCN_HD acc_t log_(acc_t v) { return ::log(v); }
+};
+
+// Loss of one pixel and its weight in the "mean" denominator (both 0 when ignored).
+template <typename acc_t>
+FCN_HD void ce_pixel_loss(const CeConfig<acc_t>& cfg, int64_t t, acc_t lse, acc_t target_logit,
+                          acc_t weighted_logit_sum, acc_t* loss, acc_t* denom_weight) {
+  if (ce_is_ignored(cfg, t)) {
+    *loss = 0;
+    *denom_weight = 0;
+    return;
+  }
+  const acc_t wt = ce_class_weight(cfg, t);
+  const acc_t eps = cfg.smoothing;
+  acc_t value = (acc_t(1) - eps) * wt * (lse - target_logit);
+  if (eps != acc_t(0)) value += eps / acc_t(cfg.num_classes) * (lse * cfg.weight_sum - weighted_logit_sum);
+  *loss = value;
+  *denom_weight = wt;
+}
+
+// dloss/dz_c of one pixel scaled by the incoming gradient g of that pixel's loss.
+template <typename acc_t>
+FCN_HD acc_t ce_logit_grad(const CeConfig<acc_t>& cfg, int64_t t, int64_t c, acc_t z, acc_t lse, acc_t g) {
+  if (ce_is_ignored(cfg, t)) return 0;
+  const acc_t eps = cfg.smoothing;
+  const acc_t wt = ce_class_weight(cfg, t);
+  const acc_t p = ::exp(z - lse);
+  const acc_t inv_c = acc_t(1) / acc_t(cfg.num_classes);
+  acc_t d = p * ((acc_t(1) - eps) * wt + eps * inv_c * cfg.weight_sum);
+  if (c == t) d -= (acc_t(1) - eps) * wt;
+  if (eps != acc_t(0)) d -= eps * inv_c * ce_class_weight(cfg, c);
+  return g * d;
+}
+
+}  // namespace fcn_fast

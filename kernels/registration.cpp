@@ -1,0 +1,54 @@
+// The one schema block of fcn_fast._C. Each kernel source registers the dispatch key it implements
+// (kernels/cpu/*.cpp: CPU, kernels/cuda/*.cu: CUDA). These are the native kernel ops behind the public custom ops
+// defined in fcn_fast/ops/*.py, which validate arguments, pick the backend and carry autograd and fake kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+extern "C" {
+// Importing fcn_fast._C from Python loads the library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fcn_fast native kernels", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fcn_fast {
+
+// What this binary was built with, read by fcn_fast.available_backends().
+static std::string build_info() {
+  std::string info = "{";
+#ifdef FCN_FAST_WITH_CUDA
+  info += "\"cuda\": true";
+#else
+  info += "\"cuda\": false";
+#endif
+#ifdef _OPENMP
+  info += ", \"openmp\": " + std::to_string(_OPENMP);
+#else
+  info += ", \"openmp\": null";
+#endif
+  info += "}";
+  return info;
+}
+
+TORCH_LIBRARY(fcn_fast, m) {
+  m.def("_build_info() -> str", &build_info);
+
+  // upsample_add: out = crop(bilinear(x)) + skip_scale * crop(skip); geometry comes as tap tables (bilinear.h).
+  m.def(
+      "_upsample_add_fwd(Tensor x, Tensor? skip, Tensor row_index, Tensor row_weight, Tensor col_index, "
+      "Tensor col_weight, int skip_y, int skip_x, float skip_scale) -> Tensor");
+  // Returns (grad_x, grad_skip); an output that is not needed comes back empty.
+  m.def(
+      "_upsample_add_bwd(Tensor grad_out, Tensor row_index, Tensor row_weight, Tensor row_readers, "
+      "Tensor col_index, Tensor col_weight, Tensor col_readers, int in_h, int in_w, int skip_h, int skip_w, "
+      "int skip_y, int skip_x, float skip_scale, bool need_x, bool need_skip) -> (Tensor, Tensor)");
+
+  // softmax_cross_entropy kernels (issue 4).
+
+  // upsample_cross_entropy / upsample_argmax kernels (issue 4).
+}
+
+}  // namespace fcn_fast

@@ -1,0 +1,49 @@
+"""Shared test parametrization: backends with the device each runs on, dtypes and their tolerances."""
+
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+
+from fcn_fast._backends import available_backends
+
+HAS_CUDA = torch.cuda.is_available()
+
+# fp32 ~1e-5, fp16 ~4e-3, bf16 ~2e-2 relative (torchvision's op tests use similar).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+DTYPES = list(TOLERANCES)
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a backend is tested on: cuda and triton on the GPU when there is one; triton on the CPU through
+    its interpreter otherwise."""
+    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_params(include_reference: bool = True) -> List:
+    """pytest params for every backend, each skipped with the reason it is unavailable here."""
+    status = available_backends()
+    params = []
+    for name in ("reference", "cpu", "cuda", "triton"):
+        if name == "reference" and not include_reference:
+            continue
+        marks = [pytest.mark.skipif(not status[name].available, reason=status[name].reason)]
+        if name == "triton":
+            marks.append(pytest.mark.triton)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, **override) -> None:
+    tol = dict(TOLERANCES[dtype or expected.dtype])
+    tol.update(override)
+    torch.testing.assert_close(actual.cpu().to(expected.dtype), expected.cpu(), **tol)
