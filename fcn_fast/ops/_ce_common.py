@@ -1,0 +1,64 @@
+"""What softmax_cross_entropy and upsample_cross_entropy share: argument validation (label range, class weights,
+reduction, smoothing) and the reduction of per-pixel losses, with F.cross_entropy's semantics."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fcn_fast._validation import INT_DTYPES, check_int, check_tensor, describe
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming each label outside [0, num_classes) other than ignore_index and how many pixels carry it.
+
+    PyTorch raises a device-side assert here (pytorch issues 108345, 113704); this costs one pass over the target
+    and one host sync, which ``check_targets=False`` skips (kernels then treat such labels as ignored)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        values, counts = torch.unique(target[bad], return_counts=True)
+        shown = ", ".join(f"{int(v)} ({int(c)} pixels)" for v, c in list(zip(values.tolist(), counts.tolist()))[:8])
+        more = "" if values.numel() <= 8 else f" and {values.numel() - 8} more values"
+        raise ValueError(
+            f"{op}: target has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
+            f"{shown}{more}")
+
+
+def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                     ignore_index, reduction: str, label_smoothing) -> Optional[torch.Tensor]:
+    """Checks everything but the label values and the logits/target shapes (op-specific); returns the class weights
+    as a contiguous float tensor on the logits' device (float64 for float64 logits), or None."""
+    check_tensor(op, "target", target, dtypes=INT_DTYPES)
+    if target.device != logits.device:
+        raise ValueError(f"{op}: logits and target must be on one device, got logits: {describe(logits)}; "
+                         f"target: {describe(target)}")
+    check_int(op, "ignore_index", ignore_index)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    num_classes = logits.shape[1]
+    if weight is None:
+        return None
+    check_tensor(op, "weight", weight, ndim=1)
+    if weight.shape[0] != num_classes:
+        raise ValueError(f"{op}: weight must have one entry per class ({num_classes}), got {describe(weight)}")
+    if weight.device != logits.device:
+        raise ValueError(f"{op}: weight must be on the logits' device, got weight: {describe(weight)}; "
+                         f"logits: {describe(logits)}")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return weight.to(acc).contiguous()
+
+
+def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reduction: str) -> torch.Tensor:
+    """F.cross_entropy's reductions of per-pixel losses: "mean" divides by the summed class weights of the pixels
+    that are not ignored (their count without weights), so an all-ignored mean is 0/0 = NaN, as in PyTorch."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / denom_weight.sum()
