@@ -1,0 +1,125 @@
+"""The foundation every op stands on: tap tables against PyTorch, the Caffe filler, import without the extension."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fcn_fast
+from fcn_fast.ops._resample import (Geometry, bilinear_filler_1d, bilinear_kernel, deconv_kernel_size,
+                                    deconv_output_size, upsample_reference)
+
+
+def _apply_taps(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Bilinear resampling from the tap tables alone, as the kernels read them."""
+    rows, cols = geometry.taps(x.device, x.dtype)
+    ri, rw, ci, cw = rows.index.long(), rows.weight, cols.index.long(), cols.weight
+    out = torch.zeros(*x.shape[:2], *geometry.out_hw, dtype=x.dtype)
+    for a in range(2):
+        for b in range(2):
+            out += x[:, :, ri[:, a]][:, :, :, ci[:, b]] * rw[:, a][:, None] * cw[:, b][None, :]
+    return out
+
+
+def _gather_from_readers(grad: torch.Tensor, geometry: Geometry, in_hw) -> torch.Tensor:
+    """The adjoint computed the way backward kernels do: each input sums the outputs in its readers ranges."""
+    rows, cols = geometry.taps(grad.device, grad.dtype)
+
+    def axis_matrix(taps, in_size):
+        m = torch.zeros(in_size, taps.index.shape[0], dtype=grad.dtype)
+        for i in range(in_size):
+            start, stop = taps.readers[i].tolist()
+            for o in range(start, stop):
+                for k in range(2):
+                    if taps.index[o, k] == i:
+                        m[i, o] += taps.weight[o, k]
+        return m
+
+    return axis_matrix(rows, in_hw[0]) @ grad @ axis_matrix(cols, in_hw[1]).T
+
+
+GEOMETRIES = [
+    Geometry("deconv", (1, 1), (4, 4), 2, (0, 0), False),
+    Geometry("deconv", (7, 13), (12, 20), 2, (1, 5), False),
+    Geometry("deconv", (5, 4), (30, 25), 8, (3, 2), False),
+    Geometry("deconv", (3, 3), (5, 5), 3, (2, 1), False),
+    Geometry("deconv", (2, 3), (40, 70), 32, (19, 19), False),
+    Geometry("deconv", (6, 5), (6, 5), 1, (0, 0), False),
+    Geometry("interp", (7, 13), (14, 26), 2, (0, 0), False),
+    Geometry("interp", (7, 13), (17, 29), 2, (0, 0), True),
+    Geometry("interp", (1, 1), (8, 8), 8, (0, 0), False),
+    Geometry("interp", (9, 8), (4, 3), 1, (0, 0), False),
+    Geometry("interp", (9, 8), (1, 1), 1, (0, 0), True),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g.mode}-{g.in_hw}-{g.out_hw}-f{g.factor}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tap_tables_equal_pytorch(geometry, dtype):
+    x = torch.randn(2, 3, *geometry.in_hw, dtype=dtype)
+    expected = upsample_reference(x, geometry)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(_apply_taps(x, geometry), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g.mode}-{g.in_hw}-{g.out_hw}-f{g.factor}")
+def test_readers_ranges_give_the_adjoint(geometry):
+    grad = torch.randn(*geometry.out_hw, dtype=torch.float64)
+    x = torch.zeros(1, 1, *geometry.in_hw, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(upsample_reference(x, geometry), x, grad[None, None])
+    torch.testing.assert_close(_gather_from_readers(grad, geometry, geometry.in_hw), expected[0, 0])
+
+
+def test_tap_indices_stay_in_bounds():
+    for g in GEOMETRIES:
+        rows, cols = g.taps(torch.device("cpu"), torch.float32)
+        for taps, size in ((rows, g.in_hw[0]), (cols, g.in_hw[1])):
+            assert int(taps.index.min()) >= 0 and int(taps.index.max()) < size
+            assert int(taps.readers.min()) >= 0 and int(taps.readers.max()) <= taps.index.shape[0]
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4, 8, 16, 32])
+def test_caffe_bilinear_filler(factor):
+    size = deconv_kernel_size(factor)
+    assert size == 2 * factor - factor % 2
+    f = (size + 1) // 2
+    center = f - 1 if size % 2 == 1 else f - 0.5
+    expected = torch.tensor([1 - abs(k - center) / f for k in range(size)], dtype=torch.float64)
+    torch.testing.assert_close(bilinear_filler_1d(size), expected)
+    weight = bilinear_kernel(3, factor, diagonal=True)
+    assert weight.shape == (3, 3, size, size)
+    assert torch.equal(weight[0, 1], torch.zeros(size, size))
+    torch.testing.assert_close(weight[2, 2].double(), expected[:, None] * expected[None, :], rtol=1e-6, atol=1e-7)
+    assert deconv_output_size(10, factor) == 9 * factor + size
+
+
+def test_build_info_reports_what_was_compiled():
+    info = fcn_fast._extension.build_info()
+    if fcn_fast._extension.load_error() is None:
+        assert set(info) >= {"cuda", "openmp"}
+        assert info["openmp"], "the CPU kernels must be built with OpenMP"
+    status = fcn_fast.available_backends()
+    assert status["reference"].available
+    assert set(status) == set(fcn_fast.BACKENDS)
+
+
+def test_import_works_without_the_extension():
+    """A broken or missing fcn_fast._C leaves the reference backend working and says why the others are off."""
+    code = (
+        "import sys; sys.modules['fcn_fast._C'] = None\n"
+        "import torch, fcn_fast\n"
+        "s = fcn_fast.available_backends()\n"
+        "assert not s['cpu'].available and 'could not be loaded' in s['cpu'].reason, s['cpu']\n"
+        "x = torch.randn(1, 2, 3, 3)\n"
+        "y = fcn_fast.upsample_add(x, factor=2, mode='deconv')\n"
+        "assert y.shape == (1, 2, 8, 8), y.shape\n"
+        "try:\n"
+        "    fcn_fast.upsample_add(x, factor=2, backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    assert 'reference' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error for an unavailable backend')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
