@@ -12,10 +12,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <initializer_list>
 #include <limits>
 
 #include "fcn_fast/bilinear.h"
+#include "fcn_fast/upsample_add.h"
 
 namespace fcn_fast {
 namespace {
@@ -108,53 +110,35 @@ __global__ void grad_skip_kernel(const scalar_t* __restrict__ grad, scalar_t* __
   }
 }
 
-void check_cuda_inputs(const at::Tensor& data, std::initializer_list<at::Tensor> tables) {
-  for (const at::Tensor& t : tables) {
-    TORCH_CHECK(t.device() == data.device(), "tap tables must be on ", data.device(), ", got ", t.device());
+// Runs launch(index_t{}) with int32 indices when they suffice, int64 otherwise.
+template <typename Launch>
+void with_index_type(bool int32_suffices, Launch&& launch) {
+  if (int32_suffices) {
+    launch(int32_t(0));
+  } else {
+    launch(int64_t(0));
   }
-}
-
-void check_weight_dtype(const at::Tensor& weight, at::ScalarType dtype, const char* name) {
-  const at::ScalarType expected = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(weight.scalar_type() == expected, name, " must be ", expected, " for ", dtype, " data, got ",
-              weight.scalar_type());
 }
 
 at::Tensor upsample_add_fwd_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& skip_in,
                                  const at::Tensor& row_index, const at::Tensor& row_weight,
                                  const at::Tensor& col_index, const at::Tensor& col_weight, int64_t skip_y,
                                  int64_t skip_x, double skip_scale) {
-  TORCH_CHECK(x_in.dim() == 4, "x must be 4D (N, C, h, w), got ", x_in.sizes());
-  check_taps(row_index, row_weight, "row");
-  check_taps(col_index, col_weight, "col");
-  check_weight_dtype(row_weight, x_in.scalar_type(), "row_weight");
-  check_weight_dtype(col_weight, x_in.scalar_type(), "col_weight");
-  check_cuda_inputs(x_in, {row_index, row_weight, col_index, col_weight});
   c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t out_h = row_index.size(0), out_w = col_index.size(0);
-  at::Tensor skip;
-  if (skip_in.has_value()) {
-    skip = skip_in->contiguous();
-    TORCH_CHECK(skip.device() == x.device(), "skip must be on ", x.device(), ", got ", skip.device());
-    TORCH_CHECK(skip.dim() == 4 && skip.size(0) == x.size(0) && skip.size(1) == x.size(1) &&
-                    skip.scalar_type() == x.scalar_type(),
-                "skip must be (N, C, Hs, Ws) with the N, C and dtype of x, got ", skip.sizes(), " for x ", x.sizes());
-    TORCH_CHECK(skip_y >= 0 && skip_x >= 0 && skip_y + out_h <= skip.size(2) && skip_x + out_w <= skip.size(3),
-                "skip of ", skip.sizes(), " is too small for an ", out_h, "x", out_w, " crop at (", skip_y, ", ", skip_x,
-                ")");
-  }
-  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
+  // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
+  at::Tensor x, skip, out;
+  std::tie(x, skip, out) =
+      prepare_upsample_add_forward(x_in, skip_in, row_index, row_weight, col_index, col_weight, skip_y, skip_x);
   const int64_t numel = out.numel();
   if (numel == 0) return out;
-  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "x has an empty spatial size ", x.sizes());
+  const int64_t out_h = out.size(2), out_w = out.size(3);
   const int64_t skip_h = skip.defined() ? skip.size(2) : 0, skip_w = skip.defined() ? skip.size(3) : 0;
-  const bool small = fits_int32({numel, x.numel(), skip.defined() ? skip.numel() : 0});
+  const bool int32_suffices = fits_int32({numel, x.numel(), skip.defined() ? skip.numel() : 0});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FCN_DISPATCH_FLOATING(x.scalar_type(), "upsample_add_fwd_cuda", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* skip_data = skip.defined() ? skip.data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto index_zero) {
+    with_index_type(int32_suffices, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       forward_kernel<scalar_t, acc, index_t><<<blocks_for(numel), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), skip_data, out.data_ptr<scalar_t>(), row_index.data_ptr<int32_t>(),
@@ -164,12 +148,7 @@ at::Tensor upsample_add_fwd_cuda(const at::Tensor& x_in, const c10::optional<at:
           static_cast<index_t>(skip_w), static_cast<index_t>(skip_y), static_cast<index_t>(skip_x),
           static_cast<acc>(skip_scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (small) {
-      launch(int32_t(0));
-    } else {
-      launch(int64_t(0));
-    }
+    });
   });
   return out;
 }
@@ -179,40 +158,22 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_bwd_cuda(
     const at::Tensor& col_index, const at::Tensor& col_weight, const at::Tensor& col_readers, int64_t in_h,
     int64_t in_w, int64_t skip_h, int64_t skip_w, int64_t skip_y, int64_t skip_x, double skip_scale, bool need_x,
     bool need_skip) {
-  TORCH_CHECK(grad_in.dim() == 4, "grad_out must be 4D (N, C, H, W), got ", grad_in.sizes());
-  check_taps(row_index, row_weight, "row");
-  check_taps(col_index, col_weight, "col");
-  check_weight_dtype(row_weight, grad_in.scalar_type(), "row_weight");
-  check_weight_dtype(col_weight, grad_in.scalar_type(), "col_weight");
-  check_cuda_inputs(grad_in, {row_index, row_weight, row_readers, col_index, col_weight, col_readers});
-  TORCH_CHECK(row_index.size(0) == grad_in.size(2) && col_index.size(0) == grad_in.size(3), "tap tables of ",
-              row_index.size(0), "x", col_index.size(0), " outputs do not match grad_out ", grad_in.sizes());
   c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous();
-  const int64_t n = grad.size(0), c = grad.size(1), out_h = grad.size(2), out_w = grad.size(3);
-  at::Tensor grad_x = at::empty({0}, grad.options()), grad_skip = at::empty({0}, grad.options());
-  if (need_x) {
-    TORCH_CHECK(in_h >= 1 && in_w >= 1, "in_h and in_w must be >= 1, got ", in_h, "x", in_w);
-    check_readers(row_readers, in_h, "row");
-    check_readers(col_readers, in_w, "col");
-    grad_x = at::empty({n, c, in_h, in_w}, grad.options());
-  }
-  if (need_skip) {
-    TORCH_CHECK(skip_y >= 0 && skip_x >= 0 && skip_y + out_h <= skip_h && skip_x + out_w <= skip_w, "skip of ",
-                skip_h, "x", skip_w, " is too small for an ", out_h, "x", out_w, " crop at (", skip_y, ", ", skip_x,
-                ")");
-    grad_skip = at::empty({n, c, skip_h, skip_w}, grad.options());
-  }
+  at::Tensor grad, grad_x, grad_skip;
+  std::tie(grad, grad_x, grad_skip) =
+      prepare_upsample_add_backward(grad_in, row_index, row_weight, row_readers, col_index, col_weight, col_readers,
+                                    in_h, in_w, skip_h, skip_w, skip_y, skip_x, need_x, need_skip);
   if (grad.numel() == 0) {
     grad_x.zero_();
     grad_skip.zero_();
     return {grad_x, grad_skip};
   }
-  const bool small = fits_int32({grad.numel(), grad_x.numel(), grad_skip.numel()});
+  const int64_t out_h = grad.size(2), out_w = grad.size(3);
+  const bool int32_suffices = fits_int32({grad.numel(), grad_x.numel(), grad_skip.numel()});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FCN_DISPATCH_FLOATING(grad.scalar_type(), "upsample_add_bwd_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    auto launch = [&](auto index_zero) {
+    with_index_type(int32_suffices, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       if (grad_x.numel() > 0) {
         grad_x_kernel<scalar_t, acc, index_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
@@ -231,12 +192,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_bwd_cuda(
             static_cast<acc>(skip_scale));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-    };
-    if (small) {
-      launch(int32_t(0));
-    } else {
-      launch(int64_t(0));
-    }
+    });
   });
   return {grad_x, grad_skip};
 }
