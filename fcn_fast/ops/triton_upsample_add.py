@@ -151,9 +151,11 @@ def _scale_tensor(value: float, device: torch.device, double: bool) -> torch.Ten
 
 
 @functools.lru_cache(maxsize=512)
-def _longest_readers(mode: str, in_size: int, out_size: int, factor: int, offset: int, align_corners: bool) -> int:
-    """The longest readers range on one axis, read from the CPU copy of the tables (no device sync)."""
-    readers = axis_taps(mode, in_size, out_size, factor, offset, align_corners, torch.device("cpu"), False).readers
+def _longest_readers(mode: str, in_size: int, out_size: int, factor: int, offset: int, align_corners: bool,
+                     double: bool) -> int:
+    """The longest readers range on one axis, read from the CPU copy of the tables (no device sync). ``double``
+    picks the float64 tables: interp weights that are exactly 0 in one precision may not be in the other."""
+    readers = axis_taps(mode, in_size, out_size, factor, offset, align_corners, torch.device("cpu"), double).readers
     return max(1, int((readers[:, 1] - readers[:, 0]).max()))
 
 
@@ -193,10 +195,11 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
         grad_x = torch.empty((n, c, in_h, in_w), dtype=grad.dtype, device=grad.device)
         if grad_x.numel() > 0:
             rows, cols = geometry.taps(grad.device, grad.dtype)
+            double = grad.dtype == torch.float64
             max_row = _longest_readers(geometry.mode, in_h, out_h, geometry.factor, geometry.offset[0],
-                                       geometry.align_corners)
+                                       geometry.align_corners, double)
             max_col = _longest_readers(geometry.mode, in_w, out_w, geometry.factor, geometry.offset[1],
-                                       geometry.align_corners)
+                                       geometry.align_corners, double)
             col_readers = triton.next_power_of_2(max_col)
             block_r, block_w = _tile(in_w, col_readers)
             grid = (triton.cdiv(n * c * in_h, block_r), triton.cdiv(in_w, block_w))
