@@ -45,6 +45,8 @@ def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners) ->
 
 def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
     check_tensor(OP, "x", x, ndim=4)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{OP}: x must have a spatial size of at least 1x1, got {describe(x)}")
     geometry = _geometry(x, *geometry_args)
     skip_offset = check_pair(OP, "skip_offset", skip_offset, minimum=0)
     if not isinstance(skip_scale, (int, float)) or isinstance(skip_scale, bool):
