@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/softmax_ce.h"
 
 namespace fcn_fast {
@@ -58,14 +59,8 @@ CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num
   return CeConfig<acc_t>{w, ce_weight_sum(w, num_classes), static_cast<acc_t>(smoothing), num_classes, ignore_index};
 }
 
-struct Layout {
-  int64_t n, c, s;     // sizes
-  int64_t ln, lc, ls;  // logits strides
-  int64_t tn, ts;      // target strides
-};
-
 template <typename scalar_t, typename target_t, typename acc_t>
-void forward_blocks(const Layout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
+void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
                     acc_t* loss, acc_t* denom, acc_t* lse_out) {
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   const bool smoothing = cfg.smoothing != acc_t(0);
@@ -74,14 +69,14 @@ void forward_blocks(const Layout& L, const scalar_t* logits, const target_t* tar
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
       const int64_t len = std::min(kBlock, L.s - p0);
-      const scalar_t* base = logits + n * L.ln + p0;
+      const scalar_t* base = logits + n * L.logit_n + p0;
       for (int64_t p = 0; p < len; ++p) {
         row_max[p] = -std::numeric_limits<acc_t>::infinity();
         row_sum[p] = 0;
         weighted_sum[p] = 0;
       }
       for (int64_t c = 0; c < L.c; ++c) {
-        const scalar_t* row = base + c * L.lc;
+        const scalar_t* row = base + c * L.logit_c;
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) {
           const acc_t z = static_cast<acc_t>(row[p]);
@@ -89,7 +84,7 @@ void forward_blocks(const Layout& L, const scalar_t* logits, const target_t* tar
         }
       }
       for (int64_t c = 0; c < L.c; ++c) {
-        const scalar_t* row = base + c * L.lc;
+        const scalar_t* row = base + c * L.logit_c;
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) row_sum[p] += exp_vec(static_cast<acc_t>(row[p]) - row_max[p]);
         if (smoothing) {
@@ -100,9 +95,9 @@ void forward_blocks(const Layout& L, const scalar_t* logits, const target_t* tar
       }
       const int64_t out = n * L.s + p0;
       for (int64_t p = 0; p < len; ++p) {
-        const int64_t t = static_cast<int64_t>(target[n * L.tn + (p0 + p) * L.ts]);
+        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
         const acc_t lse = row_max[p] + std::log(row_sum[p]);
-        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : static_cast<acc_t>(base[t * L.lc + p]);
+        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : static_cast<acc_t>(base[t * L.logit_c + p]);
         ce_pixel_loss(cfg, t, lse, z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
         lse_out[out + p] = lse;
       }
@@ -111,15 +106,15 @@ void forward_blocks(const Layout& L, const scalar_t* logits, const target_t* tar
 }
 
 template <typename scalar_t, typename target_t, typename acc_t>
-void forward_pixels(const Layout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
+void forward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
                     acc_t* loss, acc_t* denom, acc_t* lse_out) {
   at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / L.s, p = i % L.s;
-      const int64_t t = static_cast<int64_t>(target[n * L.tn + p * L.ts]);
-      const scalar_t* z = logits + n * L.ln + p * L.ls;
+      const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
+      const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
       CeAccumulator<acc_t> acc;
-      for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.lc]), t);
+      for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.logit_c]), t);
       ce_pixel_loss(cfg, t, acc.lse(), acc.target_logit, acc.weighted_logit_sum, &loss[i], &denom[i]);
       lse_out[i] = acc.lse();
     }
@@ -127,7 +122,7 @@ void forward_pixels(const Layout& L, const scalar_t* logits, const target_t* tar
 }
 
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_blocks(const Layout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
                      const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
                      int64_t dn, int64_t dc) {
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
@@ -138,7 +133,7 @@ void backward_blocks(const Layout& L, const scalar_t* logits, const target_t* ta
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
       const int64_t len = std::min(kBlock, L.s - p0);
       for (int64_t p = 0; p < len; ++p) {
-        const int64_t t = static_cast<int64_t>(target[n * L.tn + (p0 + p) * L.ts]);
+        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
         const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + (p0 + p) * gs]);
         prob_scale[p] = k.prob_scale;
         target_scale[p] = k.target_scale;
@@ -146,10 +141,10 @@ void backward_blocks(const Layout& L, const scalar_t* logits, const target_t* ta
         pixel_lse[p] = lse[n * L.s + p0 + p];
         label[p] = t;
       }
-      const scalar_t* base = logits + n * L.ln + p0;
+      const scalar_t* base = logits + n * L.logit_n + p0;
       scalar_t* out = grad + n * dn + p0;
       for (int64_t c = 0; c < L.c; ++c) {
-        const scalar_t* row = base + c * L.lc;
+        const scalar_t* row = base + c * L.logit_c;
         scalar_t* out_row = out + c * dc;
         const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
@@ -164,54 +159,35 @@ void backward_blocks(const Layout& L, const scalar_t* logits, const target_t* ta
 }
 
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_pixels(const Layout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+void backward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
                      const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
                      int64_t dn, int64_t dc, int64_t ds) {
   at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / L.s, p = i % L.s;
-      const int64_t t = static_cast<int64_t>(target[n * L.tn + p * L.ts]);
+      const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
       const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);
-      const scalar_t* z = logits + n * L.ln + p * L.ls;
+      const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
       scalar_t* out = grad + n * dn + p * ds;
       for (int64_t c = 0; c < L.c; ++c) {
-        const acc_t prob = std::exp(static_cast<acc_t>(z[c * L.lc]) - lse[i]);
+        const acc_t prob = std::exp(static_cast<acc_t>(z[c * L.logit_c]) - lse[i]);
         out[c * dc] = static_cast<scalar_t>(k.grad(prob, c == t, ce_class_weight(cfg, c)));
       }
     }
   });
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_args(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
-  TORCH_CHECK(logits.dim() == 3, "logits must be (N, C, S), got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2),
-              "target must be (N, S) matching logits ", logits.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), "target must be an integer tensor");
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
-                    weight->scalar_type() == acc_type(logits.scalar_type()),
-                "weight must be a contiguous (C,) tensor of the accumulate dtype");
-  }
-}
-
-Layout layout_of(const at::Tensor& logits, const at::Tensor& target) {
-  return Layout{logits.size(0),   logits.size(1),   logits.size(2),  logits.stride(0),
-                logits.stride(1), logits.stride(2), target.stride(0), target.stride(1)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(const at::Tensor& logits,
                                                                             const at::Tensor& target,
                                                                             const c10::optional<at::Tensor>& weight,
                                                                             int64_t ignore_index, double smoothing) {
-  check_args(logits, target, weight);
-  const auto pixel_options = logits.options().dtype(acc_type(logits.scalar_type()));
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
+  const auto pixel_options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
   const int64_t n = logits.size(0), s = logits.size(2);
   at::Tensor loss = at::empty({n, s}, pixel_options), denom = at::empty({n, s}, pixel_options),
              lse = at::empty({n, s}, pixel_options);
   if (n * s == 0) return {loss, denom, lse};
-  const Layout L = layout_of(logits, target);
+  const CeLayout L = ce_layout(logits, target);
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cpu", [&] {
     using logit_t = scalar_t;  // the nested dispatch below rebinds scalar_t to the label type
     using acc = acc_t<logit_t>;
@@ -220,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
       using label_t = scalar_t;
       const logit_t* z = logits.data_ptr<logit_t>();
       const label_t* t = target.data_ptr<label_t>();
-      if (L.ls == 1) {
+      if (L.logit_s == 1 && L.s > 1) {  // (N, C) scores (S = 1) go per sample, over contiguous classes
         forward_blocks(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
       } else {
         forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
@@ -234,16 +210,11 @@ at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& target, const at::Tensor& lse,
                                          const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                          double smoothing) {
-  check_args(logits, target, weight);
-  const auto acc_dtype = acc_type(logits.scalar_type());
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc_dtype,
-              "lse must be a contiguous (N, S) tensor of the accumulate dtype");
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == target.size(0) && grad_loss.size(1) == target.size(1) &&
-                  grad_loss.scalar_type() == acc_dtype,
-              "grad_loss must be (N, S) (strides may be 0) of the accumulate dtype");
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
+  check_ce_backward_args(grad_loss, logits, target, lse);
   at::Tensor grad = at::empty_like(logits);  // keeps the logits' strides when they are dense
   if (grad.numel() == 0) return grad;
-  const Layout L = layout_of(logits, target);
+  const CeLayout L = ce_layout(logits, target);
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_bwd_cpu", [&] {
     using logit_t = scalar_t;
     using acc = acc_t<logit_t>;
@@ -253,7 +224,7 @@ at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::
       const logit_t* z = logits.data_ptr<logit_t>();
       const label_t* t = target.data_ptr<label_t>();
       const acc* g = grad_loss.data_ptr<acc>();
-      if (L.ls == 1 && grad.stride(2) == 1) {
+      if (L.logit_s == 1 && grad.stride(2) == 1 && L.s > 1) {
         backward_blocks(L, z, t, lse.data_ptr<acc>(), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
                         grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1));
       } else {
