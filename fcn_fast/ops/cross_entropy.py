@@ -40,8 +40,6 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
         raise ValueError(f"{OP}: logits must have at least one class, got {describe(logits)}")
     if not isinstance(check_targets, bool):
         raise TypeError(f"{OP}: check_targets must be a bool, got {check_targets!r}")
-    if check_targets:
-        _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     return weight
 
 
@@ -79,7 +77,8 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     safe_target = torch.where(valid, target, 0).long()
     class_w = weight if weight is not None else z.new_ones(num_classes)
-    g = grad_pixels * valid  # ignored pixels: p * 0, NaN where their logits are NaN/inf, as in PyTorch
+    g = torch.where(valid, grad_pixels, 0.0)  # ignored pixels: p * 0 (NaN where their logits are NaN/inf, as in
+    # PyTorch), also when an all-ignored "mean" makes the incoming gradient 1/0
     eps = label_smoothing
     w_t = class_w[safe_target]
     prob = torch.softmax(z, dim=1)
@@ -130,8 +129,10 @@ def _output_shapes(logits, target, reduction):
 
 @torch.library.custom_op("fcn_fast::softmax_cross_entropy", mutates_args=())
 def _softmax_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                              ignore_index: int, reduction: str, label_smoothing: float,
+                              ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
                               backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check_targets:  # here, not in the public function: it reads label values, which torch.compile cannot trace
+        _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     flat_logits, flat_target = _flat(logits, target)
     loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
     denom_total = denom.sum()
@@ -141,7 +142,7 @@ def _softmax_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight
 
 
 @_softmax_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, backend):
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, backend):
     loss_shape, pixels = _output_shapes(logits, target, reduction)
     acc = _acc_dtype(logits.dtype)
     return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc)
@@ -170,7 +171,7 @@ def _(grad, logits, target, weight, lse, denom_total, ignore_index, reduction, l
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, reduction, label_smoothing, backend = inputs
+    logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, backend = inputs
     _, lse, denom_total = output
     ctx.save_for_backward(logits, target, weight, lse, denom_total)
     ctx.options = (ignore_index, reduction, label_smoothing, backend)
@@ -182,7 +183,7 @@ def _backward(ctx, grad, _grad_lse, _grad_denom):
     if ctx.needs_input_grad[0]:
         grad_logits = torch.ops.fcn_fast.softmax_cross_entropy_backward(grad, logits, target, weight, lse, denom_total,
                                                                          *ctx.options)
-    return grad_logits, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None
 
 
 _softmax_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -217,7 +218,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
     name = _backends.resolve_backend(backend, logits.device, OP)
     loss, _, _ = torch.ops.fcn_fast.softmax_cross_entropy(logits, target, weight, int(ignore_index), reduction,
-                                                          float(label_smoothing), name)
+                                                          float(label_smoothing), check_targets, name)
     return loss
 
 

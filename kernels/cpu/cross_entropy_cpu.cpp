@@ -18,6 +18,13 @@
 #include <limits>
 #include <tuple>
 
+// GCC keeps the NaN-preserving selects of exp_vec as branches (a compare may raise an FP exception flag nobody here
+// reads) unless told that FP traps do not matter (set before our headers, whose
+// helpers inline into those loops); only then do the exp loops vectorize (about 3x faster).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "fcn_fast/common.h"
 #include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/softmax_ce.h"
