@@ -24,7 +24,9 @@ def ce_tile_forward(z, t, class_w, c_offs, weight_sum, eps, num_classes, ignore_
     w_t = tl.sum(tl.where(is_t, class_w[:, None], 0.0), 0)
     wz = tl.sum(tl.where(c_mask[:, None], class_w[:, None] * z, 0.0), 0)
     valid = (t != ignore_index) & (t >= 0) & (t < num_classes)
-    loss = (1.0 - eps) * w_t * (lse - z_t) + (eps / num_classes) * (lse * weight_sum - wz)
+    loss = (1.0 - eps) * w_t * (lse - z_t)
+    # Added only with smoothing: 0 * inf (a -inf logit in wz) would be NaN where PyTorch gives inf.
+    loss += tl.where(eps != 0.0, (eps / num_classes) * (lse * weight_sum - wz), 0.0)
     return tl.where(valid, loss, 0.0), tl.where(valid, w_t, 0.0), lse
 
 
