@@ -189,11 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
                                                                             const c10::optional<at::Tensor>& weight,
                                                                             int64_t ignore_index, double smoothing) {
   check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
-  const auto pixel_options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
-  const int64_t n = logits.size(0), s = logits.size(2);
-  at::Tensor loss = at::empty({n, s}, pixel_options), denom = at::empty({n, s}, pixel_options),
-             lse = at::empty({n, s}, pixel_options);
-  if (n * s == 0) return {loss, denom, lse};
+  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
+  std::tie(loss, denom, lse) = ce_pixel_outputs(logits);
+  if (loss.numel() == 0) return {loss, denom, lse};
   const CeLayout L = ce_layout(logits, target);
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cpu", [&] {
     using logit_t = scalar_t;  // the nested dispatch below rebinds scalar_t to the label type

@@ -71,11 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cuda(co
                                                                              int64_t ignore_index, double smoothing) {
   check_ce_kernel_args(logits, target, weight, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto pixel_options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
-  const int64_t n = logits.size(0), s = logits.size(2);
-  at::Tensor loss = at::empty({n, s}, pixel_options), denom = at::empty({n, s}, pixel_options),
-             lse = at::empty({n, s}, pixel_options);
-  if (n * s == 0) return {loss, denom, lse};
+  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
+  std::tie(loss, denom, lse) = ce_pixel_outputs(logits);
+  if (loss.numel() == 0) return {loss, denom, lse};
   const CeLayout L = ce_layout(logits, target);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cuda", [&] {
@@ -83,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cuda(co
     using acc = acc_t<logit_t>;
     const acc* w = weight.has_value() ? weight->data_ptr<acc>() : nullptr;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_fwd_cuda_target", [&] {
-      forward_kernel<logit_t, scalar_t, acc><<<blocks_for(n * s), kThreads, 0, stream>>>(
+      forward_kernel<logit_t, scalar_t, acc><<<blocks_for(L.n * L.s), kThreads, 0, stream>>>(
           L, logits.data_ptr<logit_t>(), target.data_ptr<scalar_t>(), w, ignore_index, static_cast<acc>(smoothing),
           loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "fcn_fast/common.h"
 
 namespace fcn_fast {
@@ -22,6 +24,13 @@ inline CeLayout ce_layout(const at::Tensor& logits, const at::Tensor& target) {
 
 // Per-pixel outputs, weights, lse and incoming gradients are float32 (float64 for float64 logits).
 inline at::ScalarType ce_acc_type(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The forward's per-pixel outputs, uninitialized: (loss, weight in the "mean" denominator, log-sum-exp), each (N, S).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(const at::Tensor& logits) {
+  const auto options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
+  const int64_t n = logits.size(0), s = logits.size(2);
+  return {at::empty({n, s}, options), at::empty({n, s}, options), at::empty({n, s}, options)};
+}
 
 inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& target,
                                  const c10::optional<at::Tensor>& weight, c10::DeviceType device) {
