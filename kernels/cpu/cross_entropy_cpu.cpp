@@ -2,8 +2,9 @@
 //
 // Fast path, pixels contiguous (NCHW, the segmentation layout): a task is a block of kBlock pixels of one image; it
 // sweeps the C rows of the block (each row is kBlock consecutive pixels of one class, stride S apart), so every inner
-// loop runs over consecutive pixels and vectorizes. The block (C x kBlock values) stays in L1/L2 between the sweeps:
-// a max sweep then an exp-sum sweep costs one exp per logit, where an online softmax would pay two.
+// loop runs over consecutive pixels and vectorizes. The first sweep copies the block (C x kBlock values) into a
+// contiguous buffer that stays in L1/L2 and takes the max, the second the exp-sum: one exp per logit, where an online
+// softmax would pay two.
 // Other layouts (channels-last, (N, C) class scores) take the per-pixel path: one online softmax (softmax_ce.h) per
 // pixel over its C strided logits.
 // Forward writes per pixel the loss, its weight in the "mean" denominator and the log-sum-exp (the one float backward
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 // GCC keeps the NaN-preserving selects of exp_vec as branches (a compare may raise an FP exception flag nobody here
 // reads) unless told that FP traps do not matter (set before our headers, whose
@@ -72,6 +74,9 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   const bool smoothing = cfg.smoothing != acc_t(0);
   at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    // The block's logits, copied once in acc_t: rows H*W apart in memory all map to the same cache sets (the
+    // stride is a large power of two at 512x512), so re-reading them in place for the second sweep would miss.
+    std::vector<acc_t> block(static_cast<size_t>(L.c * kBlock));
     acc_t row_max[kBlock], row_sum[kBlock], weighted_sum[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
@@ -84,27 +89,28 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
       }
       for (int64_t c = 0; c < L.c; ++c) {
         const scalar_t* row = base + c * L.logit_c;
+        acc_t* z = block.data() + c * kBlock;
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) {
-          const acc_t z = static_cast<acc_t>(row[p]);
-          row_max[p] = z > row_max[p] ? z : row_max[p];  // a NaN logit is skipped here and poisons the sum below
+          z[p] = static_cast<acc_t>(row[p]);
+          row_max[p] = z[p] > row_max[p] ? z[p] : row_max[p];  // a NaN logit is skipped here, poisons the sum below
         }
       }
       for (int64_t c = 0; c < L.c; ++c) {
-        const scalar_t* row = base + c * L.logit_c;
+        const acc_t* z = block.data() + c * kBlock;
 #pragma omp simd
-        for (int64_t p = 0; p < len; ++p) row_sum[p] += exp_vec(static_cast<acc_t>(row[p]) - row_max[p]);
+        for (int64_t p = 0; p < len; ++p) row_sum[p] += exp_vec(z[p] - row_max[p]);
         if (smoothing) {
           const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
-          for (int64_t p = 0; p < len; ++p) weighted_sum[p] += w * static_cast<acc_t>(row[p]);
+          for (int64_t p = 0; p < len; ++p) weighted_sum[p] += w * z[p];
         }
       }
       const int64_t out = n * L.s + p0;
       for (int64_t p = 0; p < len; ++p) {
         const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
         const acc_t lse = row_max[p] + std::log(row_sum[p]);
-        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : static_cast<acc_t>(base[t * L.logit_c + p]);
+        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : block[t * kBlock + p];
         ce_pixel_loss(cfg, t, lse, z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
         lse_out[out + p] = lse;
       }
