@@ -17,6 +17,15 @@ def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
 
     PyTorch raises a device-side assert here (pytorch issues 108345, 113704); this costs one pass over the target
     and one host sync, which ``check_targets=False`` skips (kernels then treat such labels as ignored)."""
+    if target.numel() == 0:
+        return
+    # Cheap passes first (one reduction, then a select and a reduction); the full mask only to word the error.
+    low, high = torch.aminmax(target)
+    if int(low) >= 0 and int(high) < num_classes:
+        return
+    low, high = torch.aminmax(torch.where(target == ignore_index, 0, target))
+    if int(low) >= 0 and int(high) < num_classes:
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values, counts = torch.unique(target[bad], return_counts=True)
