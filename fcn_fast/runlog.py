@@ -130,5 +130,6 @@ def plot_scores(path: str, runs: Sequence[tuple], title: str = "") -> None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("step")
     ax.set_title(f"{title} validation".strip())
-    ax.legend(loc="lower right", fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize="small")
     _save(fig, path)

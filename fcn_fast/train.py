@@ -441,7 +441,7 @@ def _train(cfg: TrainConfig, hooks, ddp: Dist, device: torch.device) -> Dict[str
         loss_sum, pixels = epoch_sums.tolist()
         row: Dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(pixels, 1),
                                "lr": optimizer.param_groups[0]["lr"]}
-        if val_set is not None and ((epoch + 1) % max(cfg.eval_every, 1) == 0 or step >= total) and cfg.eval_every:
+        if val_set is not None and (step >= total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             scores = evaluate(model, val_set, device=device, batch_size=cfg.batch_size, rank=ddp.rank,
                               world=ddp.world, amp=cfg.amp, progress=cfg.progress and ddp.main)
             row.update({k: scores[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")}, iou=scores["iou"])
@@ -486,7 +486,7 @@ def add_arguments(p) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the forward and loss (GPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--log-every", type=int, default=10, help="steps between loss log points (default: 10)")
-    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations; 0: never (default: 1)")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations; 0: at the end only (default: 1)")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="also checkpoint every N steps (default: 0, at the end of each epoch only)")
     g = p.add_argument_group("data")
