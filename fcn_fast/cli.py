@@ -60,21 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
 
-    p = sub.add_parser("train", help="train a model (whole images; staged with --init-from)")
-    train.add_arguments(p)
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("eval", help="metrics of a checkpoint on a split")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser("predict", help="label images with a checkpoint")
-    predict.add_arguments(p)
-    p.set_defaults(func=_predict)
-
-    p = sub.add_parser("demo", help="synthetic data, staged FCN-32s -> 16s -> 8s training, evaluation, table")
-    demo.add_arguments(p)
-    p.set_defaults(func=_demo)
+    for name, module, run, text in (
+            ("train", train, _train, "train a model (whole images; staged with --init-from)"),
+            ("eval", evaluate, _eval, "metrics of a checkpoint on a split"),
+            ("predict", predict, _predict, "label images with a checkpoint"),
+            ("demo", demo, _demo, "synthetic data, staged FCN-32s -> 16s -> 8s training, evaluation, table")):
+        p = sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=run)
 
     sub.add_parser("bench", help="benchmarks of the fused ops (fcn-fast bench --help)", add_help=False)
     return parser
