@@ -21,9 +21,9 @@ from harness import assert_close, backend_params, device_for
 
 TINY = 1 / 32
 SIZES = [(1, 1), (33, 47), (97, 130)]
-# (name, geometry): every model, plus the "same" geometry of the VGG nets at both ends of the family.
+# (name, geometry): every model, plus the "same" geometry of the VGG nets.
 VARIANTS = [("fcn32s", "caffe"), ("fcn16s", "caffe"), ("fcn8s", "caffe"), ("fcn8s_atonce", "caffe"),
-            ("fcn32s", "same"), ("fcn8s", "same"), ("fcn8s_resnet50", None)]
+            ("fcn8s", "same"), ("fcn8s_resnet50", None)]
 CAFFE_NAMES = {
     "fcn32s": ["upscore"],
     "fcn16s": ["score_pool4", "upscore2", "upscore16"],
@@ -81,7 +81,7 @@ def close(actual, expected, rtol=1e-4):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,geometry", VARIANTS, ids=[f"{n}-{g}" if g else n for n, g in VARIANTS])
 def test_fused_matches_reference(name, geometry, size, backend, request):
-    if backend == "triton" and size == (97, 130) and device_for(backend).type == "cpu":
+    if backend == "triton" and size != (1, 1) and device_for(backend).type == "cpu":  # the interpreter is slow
         request.applymarker(pytest.mark.slow)
     device = require(backend)
     fused, reference = pair(name, geometry, device)
