@@ -81,11 +81,15 @@ def close(actual, expected, rtol=1e-4):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,geometry", VARIANTS, ids=[f"{n}-{g}" if g else n for n, g in VARIANTS])
 def test_fused_matches_reference(name, geometry, size, backend, request):
-    if backend == "triton" and size != (1, 1) and device_for(backend).type == "cpu":  # the interpreter is slow
+    interpreted = backend == "triton" and device_for(backend).type == "cpu"
+    if interpreted and (name, size) != ("fcn8s", (1, 1)):  # the interpreter is slow: one case by default
         request.applymarker(pytest.mark.slow)
     device = require(backend)
     fused, reference = pair(name, geometry, device)
-    batch = 2 if name == "fcn8s_resnet50" else 1  # train-mode batch norm needs two values per channel at 1x1
+    # Eval mode: batch norm on running statistics. In train mode its backward cancels large terms, which turns the
+    # head's float32 summation order into relative noise in the gradients before it, whatever the head computes.
+    fused.eval(), reference.eval()
+    batch = 1
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, *size, generator=gen).to(device)
     target = torch.randint(0, 21, (batch, *size), generator=gen)
