@@ -24,6 +24,9 @@ def complexity(name: str, size: Tuple[int, int] = (500, 500), num_classes: int =
     """
     from fcn_fast.models import build
 
+    # The plain-layer path runs every convolution as a module the hooks see (the fused at-once path folds its
+    # scales into an F.conv2d call); the convolutions are the same either way.
+    options = {**options, "fused": False}
     with torch.device("meta"):
         model = build(name, num_classes, **options).eval()
         x = torch.empty(1, 3, *size)
