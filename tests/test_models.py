@@ -77,13 +77,26 @@ def close(actual, expected, rtol=1e-4):
 
 # ---- fused vs reference -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name,geometry", VARIANTS, ids=[f"{n}-{g}" if g else n for n, g in VARIANTS])
-def test_fused_matches_reference(name, geometry, size, backend, request):
-    interpreted = backend == "triton" and device_for(backend).type == "cpu"
-    if interpreted and (name, size) != ("fcn8s", (1, 1)):  # the interpreter is slow: one case by default
-        request.applymarker(pytest.mark.slow)
+INTERPRETED = device_for("triton").type == "cpu"  # Triton under its (slow) interpreter
+
+
+def fused_cases():
+    """Every variant x size x backend; interpreted Triton runs one case by default, the rest are marked slow."""
+    cases = []
+    for name, geometry in VARIANTS:
+        for size in SIZES:
+            for b in backend_params():
+                backend = b.values[0]
+                marks = list(b.marks)
+                if backend == "triton" and INTERPRETED and (name, size) != ("fcn8s", (1, 1)):
+                    marks.append(pytest.mark.slow)
+                ident = f"{name}-{geometry}-{size[0]}x{size[1]}-{backend}" if geometry else f"{name}-{size[0]}x{size[1]}-{backend}"
+                cases.append(pytest.param(name, geometry, size, backend, marks=marks, id=ident))
+    return cases
+
+
+@pytest.mark.parametrize("name,geometry,size,backend", fused_cases())
+def test_fused_matches_reference(name, geometry, size, backend):
     device = require(backend)
     fused, reference = pair(name, geometry, device)
     # Eval mode: batch norm on running statistics. In train mode its backward cancels large terms, which turns the
@@ -114,7 +127,8 @@ def test_fused_matches_reference(name, geometry, size, backend, request):
         close(p.grad, grads[pname].grad)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", [pytest.param(*b.values, marks=list(b.marks) + (
+    [pytest.mark.slow] if b.values[0] == "triton" and INTERPRETED else []), id=b.id) for b in backend_params()])
 def test_predict_and_coarse_helpers(backend):
     device = require(backend)
     fused, reference = pair("fcn8s", "caffe", device)
