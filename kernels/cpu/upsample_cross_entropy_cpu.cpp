@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -76,6 +78,33 @@ Taps<acc> make_taps(const at::Tensor& coarse, int64_t out_h, int64_t out_w, cons
                    col_weight.data_ptr<acc>(), coarse.size(2), coarse.size(3), out_h, out_w};
 }
 
+// exp for the row loops: branch-free so the compiler vectorizes the loops that call it (std::exp is a library call
+// it will not vectorize without -ffast-math). float: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
+// within 2 ulp); exp(-inf) = 0 and NaN stays NaN, as the cross-entropy needs. double keeps std::exp.
+inline float vector_exp(float x) {
+  const float clamped = std::min(std::max(x, -87.33654f), 88.37626f);
+  // Round to nearest with the 1.5 * 2^23 trick (exact without -ffast-math, which this file is not built with).
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float result = p * scale;
+  result = x < -87.33654f ? 0.0f : result;
+  result = x > 88.37626f ? std::numeric_limits<float>::infinity() : result;
+  return x != x ? x : result;
+}
+inline double vector_exp(double x) { return std::exp(x); }
+
 // Taps index coarse rows/columns: every entry must lie inside the coarse map (the tables come from _resample.py;
 // this guards direct torch.ops calls).
 void check_geometry(const at::Tensor& coarse, const at::Tensor& row_index, const at::Tensor& row_weight,
@@ -121,20 +150,35 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
   acc* denom_p = denom.data_ptr<acc>();
   acc* lse_p = lse.data_ptr<acc>();
   at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> coarse_row(taps.in_w), z(classes * out_w);
+    std::vector<acc> coarse_row(taps.in_w), z(classes * out_w), max(out_w), sum(out_w), weighted(out_w);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / out_h, oy = row % out_h;
       for (int64_t c = 0; c < classes; ++c) {
         interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), z.data() + c * out_w);
       }
+      // Softmax statistics for the whole row, class by class, so the loops over ox vectorize.
+      std::fill(max.begin(), max.end(), -std::numeric_limits<acc>::infinity());
+      std::fill(sum.begin(), sum.end(), acc(0));
+      std::fill(weighted.begin(), weighted.end(), acc(0));
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc* zc = z.data() + c * out_w;
+        for (int64_t ox = 0; ox < out_w; ++ox) max[ox] = zc[ox] > max[ox] ? zc[ox] : max[ox];
+      }
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc* zc = z.data() + c * out_w;
+        const acc wc = ce_class_weight(cfg, c);
+        // z - max is NaN for a NaN logit (and for an all -inf pixel): NaN propagates as in PyTorch.
+        for (int64_t ox = 0; ox < out_w; ++ox) sum[ox] += vector_exp(zc[ox] - max[ox]);
+        if (cfg.smoothing != acc(0)) {
+          for (int64_t ox = 0; ox < out_w; ++ox) weighted[ox] += wc * zc[ox];
+        }
+      }
       const int64_t base = row * out_w;
       for (int64_t ox = 0; ox < out_w; ++ox) {
         const int64_t t = static_cast<int64_t>(labels[base + ox]);
-        CeAccumulator<acc> a;
-        for (int64_t c = 0; c < classes; ++c) a.add(cfg, c, z[c * out_w + ox], t);
-        const acc pixel_lse = a.lse();
-        ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, loss_p + base + ox,
-                      denom_p + base + ox);
+        const acc pixel_lse = max[ox] + std::log(sum[ox]);
+        const acc target_logit = ce_is_ignored(cfg, t) ? acc(0) : z[t * out_w + ox];
+        ce_pixel_loss(cfg, t, pixel_lse, target_logit, weighted[ox], loss_p + base + ox, denom_p + base + ox);
         lse_p[base + ox] = pixel_lse;
       }
     }
@@ -188,6 +232,8 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
 
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> coarse_row(in_w), z(out_w), dz(out_w), folded(in_w), band;
+    std::vector<acc> scale(out_w), target_term(out_w), smooth(out_w), pixel_lse(out_w);
+    std::vector<int32_t> label_row(out_w);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands, first = (task % bands) * band_rows;
       const int64_t last = std::min(first + band_rows, in_h);  // rows [first, last) of every class plane
@@ -201,12 +247,27 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
       }
       for (int64_t oy = oy_begin; oy < oy_end; ++oy) {
         const int64_t base = (n * taps.out_h + oy) * out_w;
+        // dloss/dz_c = p_c * scale - target_term [c == t] - smooth * w_c (softmax_ce.h), each scaled by the pixel's
+        // incoming gradient; the per-pixel factors are hoisted out of the class loop. Ignored pixels: all 0.
+        for (int64_t ox = 0; ox < out_w; ++ox) {
+          const int64_t t = static_cast<int64_t>(labels[base + ox]);
+          const acc g = per_pixel ? grad_p[base + ox] : grad_p[0];
+          const bool ignored = ce_is_ignored(cfg, t);
+          const acc wt = ignored ? acc(0) : ce_class_weight(cfg, t);
+          const acc eps_c = cfg.smoothing / acc(classes);
+          label_row[ox] = ignored ? -1 : static_cast<int32_t>(t);
+          scale[ox] = ignored ? acc(0) : g * ((acc(1) - cfg.smoothing) * wt + eps_c * cfg.weight_sum);
+          target_term[ox] = g * (acc(1) - cfg.smoothing) * wt;
+          smooth[ox] = ignored ? acc(0) : g * eps_c;
+          pixel_lse[ox] = lse_p[base + ox];
+        }
         for (int64_t c = 0; c < classes; ++c) {
           interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), z.data());
+          const acc wc = ce_class_weight(cfg, c);
           for (int64_t ox = 0; ox < out_w; ++ox) {
-            const int64_t t = static_cast<int64_t>(labels[base + ox]);
-            const acc g = per_pixel ? grad_p[base + ox] : grad_p[0];
-            dz[ox] = ce_logit_grad(cfg, t, c, z[ox], lse_p[base + ox], g);
+            const acc p = vector_exp(z[ox] - pixel_lse[ox]);
+            const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == c ? target_term[ox] : acc(0));
+            dz[ox] = label_row[ox] < 0 ? acc(0) : d;
           }
           // Transposed column taps, in output order (fixed, so deterministic).
           std::fill(folded.begin(), folded.end(), acc(0));
