@@ -23,26 +23,17 @@
 #include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
 #include "fcn_fast/softmax_ce.h"
+#include "fcn_fast/upsample_ce.h"
 
 namespace fcn_fast {
 namespace {
 
 #define FCN_DISPATCH_LABELS(TYPE, ...) AT_DISPATCH_INTEGRAL_TYPES(TYPE, "labels", __VA_ARGS__)
 
-// The four tap tables plus sizes: the geometry as the row kernels read it.
-template <typename acc>
-struct Taps {
-  const int32_t* row_index;
-  const acc* row_weight;
-  const int32_t* col_index;
-  const acc* col_weight;
-  int64_t in_h, in_w, out_h, out_w;
-};
-
 // The logits of output row oy for one class plane, as upsample_add produces them (rounded to scalar_t):
 // coarse_row is per-thread scratch of in_w, z receives out_w values.
 template <typename scalar_t, typename acc>
-inline void interpolate_row(const scalar_t* plane, const Taps<acc>& taps, int64_t oy, acc* coarse_row, acc* z) {
+inline void interpolate_row(const scalar_t* plane, const UpsampleTaps<acc>& taps, int64_t oy, acc* coarse_row, acc* z) {
   const int64_t y0 = taps.row_index[2 * oy], y1 = taps.row_index[2 * oy + 1];
   const acc wy0 = taps.row_weight[2 * oy], wy1 = taps.row_weight[2 * oy + 1];
   const scalar_t* r0 = plane + y0 * taps.in_w;
@@ -56,26 +47,6 @@ inline void interpolate_row(const scalar_t* plane, const Taps<acc>& taps, int64_
     const acc v = cw[2 * ox] * coarse_row[ci[2 * ox]] + cw[2 * ox + 1] * coarse_row[ci[2 * ox + 1]];
     z[ox] = static_cast<acc>(static_cast<scalar_t>(v));
   }
-}
-
-template <typename acc>
-CeConfig<acc> make_config(const std::optional<at::Tensor>& weight, int64_t num_classes, int64_t ignore_index,
-                          double smoothing) {
-  CeConfig<acc> cfg{nullptr, acc(num_classes), acc(smoothing), num_classes, ignore_index};
-  if (weight.has_value()) {
-    cfg.class_weight = weight->data_ptr<acc>();
-    acc sum = 0;
-    for (int64_t c = 0; c < num_classes; ++c) sum += cfg.class_weight[c];
-    cfg.weight_sum = sum;
-  }
-  return cfg;
-}
-
-template <typename acc>
-Taps<acc> make_taps(const at::Tensor& coarse, int64_t out_h, int64_t out_w, const at::Tensor& row_index,
-                    const at::Tensor& row_weight, const at::Tensor& col_index, const at::Tensor& col_weight) {
-  return Taps<acc>{row_index.data_ptr<int32_t>(), row_weight.data_ptr<acc>(), col_index.data_ptr<int32_t>(),
-                   col_weight.data_ptr<acc>(), coarse.size(2), coarse.size(3), out_h, out_w};
 }
 
 // exp for the row loops: branch-free so the compiler vectorizes the loops that call it (std::exp is a library call
@@ -105,42 +76,9 @@ inline float vector_exp(float x) {
 }
 inline double vector_exp(double x) { return std::exp(x); }
 
-// Taps index coarse rows/columns: every entry must lie inside the coarse map (the tables come from _resample.py;
-// this guards direct torch.ops calls).
-void check_geometry(const at::Tensor& coarse, const at::Tensor& row_index, const at::Tensor& row_weight,
-                    const at::Tensor& col_index, const at::Tensor& col_weight) {
-  TORCH_CHECK(coarse.dim() == 4 && coarse.is_contiguous(), "coarse must be a contiguous (N, C, h, w) tensor");
-  TORCH_CHECK(coarse.size(1) >= 1 && coarse.size(2) >= 1 && coarse.size(3) >= 1, "coarse must not be empty");
-  check_taps(row_index, row_weight, "row");
-  check_taps(col_index, col_weight, "col");
-  const auto acc_type = coarse.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(row_weight.scalar_type() == acc_type && col_weight.scalar_type() == acc_type,
-              "tap weights must be ", acc_type, " for ", coarse.scalar_type(), " coarse");
-  TORCH_CHECK(row_index.numel() == 0 || (row_index.min().item<int32_t>() >= 0 &&
-                                         row_index.max().item<int32_t>() < coarse.size(2)),
-              "row_index out of range");
-  TORCH_CHECK(col_index.numel() == 0 || (col_index.min().item<int32_t>() >= 0 &&
-                                         col_index.max().item<int32_t>() < coarse.size(3)),
-              "col_index out of range");
-}
-
-void check_ce_inputs(const at::Tensor& coarse, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                     const at::Tensor& row_index, const at::Tensor& col_index) {
-  TORCH_CHECK(target.dim() == 3 && target.is_contiguous() && target.size(0) == coarse.size(0) &&
-                  target.size(1) == row_index.size(0) && target.size(2) == col_index.size(0),
-              "target must be a contiguous (N, H, W) tensor with H, W the lengths of the tap tables");
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), "target must be integral");
-  if (weight.has_value()) {
-    const auto acc_type = coarse.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == coarse.size(1) && weight->is_contiguous() &&
-                    weight->scalar_type() == acc_type && weight->device() == coarse.device(),
-                "weight must be a contiguous (C,) ", acc_type, " tensor on coarse's device");
-  }
-}
-
 template <typename scalar_t, typename label_t>
 void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeConfig<acc_t<scalar_t>>& cfg,
-                  const Taps<acc_t<scalar_t>>& taps, at::Tensor& loss, at::Tensor& denom, at::Tensor& lse) {
+                  const UpsampleTaps<acc_t<scalar_t>>& taps, at::Tensor& loss, at::Tensor& denom, at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
   const int64_t plane_size = taps.in_h * taps.in_w, out_w = taps.out_w, out_h = taps.out_h;
@@ -190,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
                                                    const at::Tensor& row_index, const at::Tensor& row_weight,
                                                    const at::Tensor& col_index, const at::Tensor& col_weight,
                                                    int64_t ignore_index, double smoothing) {
-  check_geometry(coarse, row_index, row_weight, col_index, col_weight);
-  check_ce_inputs(coarse, target, weight, row_index, col_index);
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
+  check_ce_arguments(coarse, target, weight, row_index, col_index);
   const auto acc_type = row_weight.scalar_type();
   const auto shape = target.sizes();
   at::Tensor loss = at::empty(shape, coarse.options().dtype(acc_type));
@@ -199,9 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
   at::Tensor lse = at::empty(shape, coarse.options().dtype(acc_type));
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd", [&] {
     using scalar = scalar_t;
-    const auto cfg = make_config<acc_t<scalar>>(weight, coarse.size(1), ignore_index, smoothing);
-    const auto taps = make_taps<acc_t<scalar>>(coarse, shape[1], shape[2], row_index, row_weight, col_index,
-                                               col_weight);
+    using acc = acc_t<scalar>;
+    const auto cfg = make_ce_config<acc>(weight ? weight->data_ptr<acc>() : nullptr, coarse.size(1), ignore_index,
+                                         acc(smoothing));
+    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
       forward_impl<scalar, scalar_t>(coarse, target, cfg, taps, loss, denom, lse);
     });
@@ -212,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
 // grad_pixel is one value for every pixel (numel 1) or one per pixel (N, H, W).
 template <typename scalar_t, typename label_t>
 void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const at::Tensor& target,
-                   const at::Tensor& lse, const CeConfig<acc_t<scalar_t>>& cfg, const Taps<acc_t<scalar_t>>& taps,
+                   const at::Tensor& lse, const CeConfig<acc_t<scalar_t>>& cfg, const UpsampleTaps<acc_t<scalar_t>>& taps,
                    const int32_t* row_readers, at::Tensor& grad_coarse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
@@ -302,25 +241,16 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
                                       const at::Tensor& row_readers, const at::Tensor& col_index,
                                       const at::Tensor& col_weight, const at::Tensor& col_readers,
                                       int64_t ignore_index, double smoothing) {
-  check_geometry(coarse, row_index, row_weight, col_index, col_weight);
-  check_ce_inputs(coarse, target, weight, row_index, col_index);
-  check_readers(row_readers, coarse.size(2), "row");
-  check_readers(col_readers, coarse.size(3), "col");
-  const auto acc_type = row_weight.scalar_type();
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc_type,
-              "lse must be a contiguous ", acc_type, " tensor of target's shape");
-  TORCH_CHECK(grad_pixel.scalar_type() == acc_type && grad_pixel.is_contiguous() &&
-                  (grad_pixel.numel() == 1 || grad_pixel.sizes() == target.sizes()),
-              "grad_pixel must be a contiguous ", acc_type, " scalar or a tensor of target's shape");
-  TORCH_CHECK(row_readers.numel() == 0 || (row_readers.min().item<int32_t>() >= 0 &&
-                                           row_readers.max().item<int32_t>() <= target.size(1)),
-              "row_readers out of range");
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight, &row_readers, &col_readers);
+  check_ce_arguments(coarse, target, weight, row_index, col_index);
+  check_ce_backward_arguments(grad_pixel, target, lse, row_weight.scalar_type());
   at::Tensor grad_coarse = at::empty_like(coarse);
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_bwd", [&] {
     using scalar = scalar_t;
-    const auto cfg = make_config<acc_t<scalar>>(weight, coarse.size(1), ignore_index, smoothing);
-    const auto taps = make_taps<acc_t<scalar>>(coarse, target.size(1), target.size(2), row_index, row_weight,
-                                               col_index, col_weight);
+    using acc = acc_t<scalar>;
+    const auto cfg = make_ce_config<acc>(weight ? weight->data_ptr<acc>() : nullptr, coarse.size(1), ignore_index,
+                                         acc(smoothing));
+    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
       backward_impl<scalar, scalar_t>(grad_pixel, coarse, target, lse, cfg, taps, row_readers.data_ptr<int32_t>(),
                                       grad_coarse);
@@ -329,15 +259,8 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
   return grad_coarse;
 }
 
-// torch.argmax's order: the first NaN wins, else the first maximum.
-template <typename acc>
-inline bool argmax_takes(acc candidate, acc best) {
-  if (best != best) return false;
-  return candidate != candidate || candidate > best;
-}
-
 template <typename scalar_t, typename label_t>
-void argmax_impl(const at::Tensor& coarse, const Taps<acc_t<scalar_t>>& taps, at::Tensor& labels) {
+void argmax_impl(const at::Tensor& coarse, const UpsampleTaps<acc_t<scalar_t>>& taps, at::Tensor& labels) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
   const int64_t plane_size = taps.in_h * taps.in_w, out_w = taps.out_w, out_h = taps.out_h;
@@ -369,14 +292,12 @@ void argmax_impl(const at::Tensor& coarse, const Taps<acc_t<scalar_t>>& taps, at
 
 at::Tensor upsample_argmax(const at::Tensor& coarse, const at::Tensor& row_index, const at::Tensor& row_weight,
                            const at::Tensor& col_index, const at::Tensor& col_weight, at::ScalarType dtype) {
-  check_geometry(coarse, row_index, row_weight, col_index, col_weight);
-  TORCH_CHECK(dtype == at::kLong || (dtype == at::kByte && coarse.size(1) <= 256),
-              "dtype must be int64, or uint8 for at most 256 classes");
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
+  check_label_dtype(coarse, dtype);
   at::Tensor labels = at::empty({coarse.size(0), row_index.size(0), col_index.size(0)}, coarse.options().dtype(dtype));
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_argmax", [&] {
     using scalar = scalar_t;
-    const auto taps = make_taps<acc_t<scalar>>(coarse, labels.size(1), labels.size(2), row_index, row_weight,
-                                               col_index, col_weight);
+    const auto taps = make_upsample_taps<acc_t<scalar>>(coarse, row_index, row_weight, col_index, col_weight);
     if (dtype == at::kLong) {
       argmax_impl<scalar, int64_t>(coarse, taps, labels);
     } else {
