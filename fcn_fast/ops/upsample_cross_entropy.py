@@ -36,8 +36,9 @@ def _check_coarse(op: str, coarse) -> None:
         raise ValueError(f"{op}: coarse must have at least one class and one pixel, got {describe(coarse)}")
 
 
-def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction, label_smoothing,
-              check_targets) -> Tuple[Geometry, Optional[torch.Tensor]]:
+def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
+              label_smoothing) -> Tuple[Geometry, Optional[torch.Tensor]]:
+    """Everything but the label values, which the custom op checks (see _upsample_cross_entropy_op)."""
     _check_coarse(OP, coarse)
     weight = _ce_common.check_ce_options(OP, coarse, target, weight, ignore_index, reduction, label_smoothing)
     if target.dim() != 3 or target.shape[0] != coarse.shape[0]:
@@ -46,8 +47,6 @@ def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignor
     if min(target.shape[1:]) < 1:
         raise ValueError(f"{OP}: target must have at least one pixel, got {describe(target)}")
     geometry = _geometry(coarse, factor, mode, tuple(target.shape[1:]), offset, align_corners, op=OP)
-    if check_targets:
-        _ce_common.check_targets(OP, target, coarse.shape[1], ignore_index)
     return geometry, weight
 
 
@@ -151,10 +150,14 @@ def _unpack(coarse: torch.Tensor, out_h, out_w, factor, mode, offset_y, offset_x
 @torch.library.custom_op("fcn_fast::upsample_cross_entropy", mutates_args=())
 def _upsample_cross_entropy_op(coarse: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                                factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
-                               ignore_index: int, reduction: str, label_smoothing: float,
+                               ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
                                backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, lse, denom): the reduced loss, the per-pixel log-sum-exp backward needs and the summed weight
     of the counted pixels (the "mean" divisor)."""
+    # The label check reads the values, so it runs here, inside the opaque op, still before any kernel: under
+    # torch.compile(fullgraph=True) too, where a data-dependent branch in the public function would break the graph.
+    if check_targets:
+        _ce_common.check_targets(OP, target, coarse.shape[1], ignore_index)
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
     loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
                                          label_smoothing)
@@ -164,7 +167,7 @@ def _upsample_cross_entropy_op(coarse: torch.Tensor, target: torch.Tensor, weigh
 
 @_upsample_cross_entropy_op.register_fake
 def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, ignore_index, reduction,
-      label_smoothing, backend):
+      label_smoothing, check_targets, backend):
     acc = _acc_dtype(coarse.dtype)
     loss = coarse.new_empty(target.shape if reduction == "none" else ())
     return loss, target.new_empty(target.shape, dtype=acc), coarse.new_empty((), dtype=acc)
@@ -195,7 +198,9 @@ def _setup_context(ctx, inputs, output):
     coarse, target, weight = inputs[:3]
     _, lse, denom = output
     ctx.save_for_backward(coarse, target, weight, lse, denom)
-    ctx.args = inputs[3:]
+    *geometry_and_options, _check_targets, backend = inputs[3:]
+    ctx.args = (*geometry_and_options, backend)  # the backward op's arguments after the tensors
+    ctx.num_args = len(inputs)
     ctx.mark_non_differentiable(lse, denom)
 
 
@@ -205,7 +210,7 @@ def _backward(ctx, grad, _grad_lse, _grad_denom):
     if ctx.needs_input_grad[0]:
         grad_coarse = torch.ops.fcn_fast.upsample_cross_entropy_backward(grad, coarse, target, weight, lse, denom,
                                                                          *ctx.args)
-    return grad_coarse, None, None, *([None] * len(ctx.args))
+    return grad_coarse, *([None] * (ctx.num_args - 1))
 
 
 _upsample_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,11 +264,11 @@ def upsample_cross_entropy(coarse: torch.Tensor, target: torch.Tensor, *, factor
         (except on the reference backend, which is the plain composition).
     """
     geometry, weight = _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
-                                 label_smoothing, check_targets)
+                                 label_smoothing)
     name = _backends.resolve_backend(backend, coarse.device, OP)
     loss, _, _ = torch.ops.fcn_fast.upsample_cross_entropy(
         coarse, target, weight, geometry.factor, geometry.mode, geometry.offset[0], geometry.offset[1],
-        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), name)
+        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), bool(check_targets), name)
     return loss
 
 
