@@ -9,6 +9,15 @@
 // into dloss/dz and folding it into the band's coarse rows through the transposed taps. A task adds only into rows
 // it owns and walks them in a fixed order: no atomics, bitwise deterministic. Output rows on a band border are
 // recomputed by both neighbouring bands; bands are sized so that costs a few percent.
+
+// The selects in vector_exp and the masked gradient are compares of floats, which GCC will not turn into vector blends
+// while it must preserve floating-point exception flags (-ftrapping-math, its default). Nothing here reads those
+// flags, so drop that for this file; set before the includes, since GCC does not inline a function compiled with
+// other options into ours.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,11 +47,13 @@ inline void interpolate_row(const scalar_t* plane, const UpsampleTaps<acc>& taps
   const acc wy0 = taps.row_weight[2 * oy], wy1 = taps.row_weight[2 * oy + 1];
   const scalar_t* r0 = plane + y0 * taps.in_w;
   const scalar_t* r1 = plane + y1 * taps.in_w;
+#pragma omp simd
   for (int64_t x = 0; x < taps.in_w; ++x) {
     coarse_row[x] = wy0 * static_cast<acc>(r0[x]) + wy1 * static_cast<acc>(r1[x]);
   }
   const int32_t* ci = taps.col_index;
   const acc* cw = taps.col_weight;
+#pragma omp simd
   for (int64_t ox = 0; ox < taps.out_w; ++ox) {
     const acc v = cw[2 * ox] * coarse_row[ci[2 * ox]] + cw[2 * ox + 1] * coarse_row[ci[2 * ox + 1]];
     z[ox] = static_cast<acc>(static_cast<scalar_t>(v));
@@ -100,14 +111,22 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
       std::fill(weighted.begin(), weighted.end(), acc(0));
       for (int64_t c = 0; c < classes; ++c) {
         const acc* zc = z.data() + c * out_w;
+#pragma omp simd
         for (int64_t ox = 0; ox < out_w; ++ox) max[ox] = zc[ox] > max[ox] ? zc[ox] : max[ox];
       }
       for (int64_t c = 0; c < classes; ++c) {
         const acc* zc = z.data() + c * out_w;
-        const acc wc = ce_class_weight(cfg, c);
+        const acc* row_max = max.data();
+        acc* row_sum = sum.data();
         // z - max is NaN for a NaN logit (and for an all -inf pixel): NaN propagates as in PyTorch.
-        for (int64_t ox = 0; ox < out_w; ++ox) sum[ox] += vector_exp(zc[ox] - max[ox]);
-        if (cfg.smoothing != acc(0)) {
+#pragma omp simd
+        for (int64_t ox = 0; ox < out_w; ++ox) row_sum[ox] += vector_exp(zc[ox] - row_max[ox]);
+      }
+      if (cfg.smoothing != acc(0)) {
+        for (int64_t c = 0; c < classes; ++c) {
+          const acc* zc = z.data() + c * out_w;
+          const acc wc = ce_class_weight(cfg, c);
+#pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) weighted[ox] += wc * zc[ox];
         }
       }
@@ -152,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
 template <typename scalar_t, typename label_t>
 void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const at::Tensor& target,
                    const at::Tensor& lse, const CeConfig<acc_t<scalar_t>>& cfg, const UpsampleTaps<acc_t<scalar_t>>& taps,
-                   const int32_t* row_readers, at::Tensor& grad_coarse) {
+                   const int32_t* row_readers, const int32_t* col_readers, at::Tensor& grad_coarse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
   const int64_t in_h = taps.in_h, in_w = taps.in_w, out_w = taps.out_w, plane_size = in_h * in_w;
@@ -169,8 +188,22 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
   const int64_t band_rows = (in_h + bands_per_image - 1) / bands_per_image;
   const int64_t bands = (in_h + band_rows - 1) / band_rows;
 
+  // Column readers windows as dense rows of weights: coarse column ix reads dz[fold_start[ix] + k] with weight
+  // fold_weight[ix * span + k], k < span (the widest window; shorter ones are padded with 0).
+  int64_t span = 1;
+  for (int64_t ix = 0; ix < in_w; ++ix) span = std::max<int64_t>(span, col_readers[2 * ix + 1] - col_readers[2 * ix]);
+  std::vector<int64_t> fold_start(in_w);
+  std::vector<acc> fold_weight(in_w * span, acc(0));
+  for (int64_t ix = 0; ix < in_w; ++ix) {
+    fold_start[ix] = std::min<int64_t>(col_readers[2 * ix], out_w);
+    for (int64_t ox = col_readers[2 * ix]; ox < col_readers[2 * ix + 1]; ++ox) {
+      fold_weight[ix * span + (ox - fold_start[ix])] = tap_weight(taps.col_index, taps.col_weight, ox, ix);
+    }
+  }
+
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> coarse_row(in_w), z(out_w), dz(out_w), folded(in_w), band;
+    // dz is padded by one window so every column's window reads in bounds (the padding weighs 0).
+    std::vector<acc> coarse_row(in_w), z(out_w), dz(out_w + span, acc(0)), folded(in_w), band;
     std::vector<acc> scale(out_w), target_term(out_w), smooth(out_w), pixel_lse(out_w);
     std::vector<int32_t> label_row(out_w);
     for (int64_t task = begin; task < end; ++task) {
@@ -203,18 +236,20 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
         for (int64_t c = 0; c < classes; ++c) {
           interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), z.data());
           const acc wc = ce_class_weight(cfg, c);
+#pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) {
             const acc p = vector_exp(z[ox] - pixel_lse[ox]);
             const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == c ? target_term[ox] : acc(0));
             dz[ox] = label_row[ox] < 0 ? acc(0) : d;
           }
-          // Transposed column taps, in output order (fixed, so deterministic).
-          std::fill(folded.begin(), folded.end(), acc(0));
-          for (int64_t ox = 0; ox < out_w; ++ox) {
-            for (int k = 0; k < 2; ++k) {
-              const acc wx = taps.col_weight[2 * ox + k];
-              if (wx != acc(0)) folded[taps.col_index[2 * ox + k]] += wx * dz[ox];
-            }
+          // Transposed column taps as a gather: each coarse column sums its readers window (fixed order).
+          for (int64_t ix = 0; ix < in_w; ++ix) {
+            const acc* w = fold_weight.data() + ix * span;
+            const acc* d = dz.data() + fold_start[ix];
+            acc total = 0;
+#pragma omp simd reduction(+ : total)
+            for (int64_t k = 0; k < span; ++k) total += w[k] * d[k];
+            folded[ix] = total;
           }
           acc* plane = band.data() + c * (last - first) * in_w;
           for (int k = 0; k < 2; ++k) {
@@ -222,6 +257,7 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
             const acc wy = taps.row_weight[2 * oy + k];
             if (wy == acc(0) || iy < first || iy >= last) continue;
             acc* dst = plane + (iy - first) * in_w;
+#pragma omp simd
             for (int64_t ix = 0; ix < in_w; ++ix) dst[ix] += wy * folded[ix];
           }
         }
@@ -253,7 +289,7 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
       backward_impl<scalar, scalar_t>(grad_pixel, coarse, target, lse, cfg, taps, row_readers.data_ptr<int32_t>(),
-                                      grad_coarse);
+                                      col_readers.data_ptr<int32_t>(), grad_coarse);
     });
   });
   return grad_coarse;
