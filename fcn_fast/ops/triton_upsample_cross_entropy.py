@@ -1,0 +1,207 @@
+"""Triton kernels of upsample_cross_entropy and upsample_argmax (plain tl API).
+
+Forward and argmax: one program per (image, block of output pixels) holds a [BLOCK_C, BLOCK_P] tile of logits,
+each interpolated from its 2x2 coarse taps (the tap tables of fcn_fast/ops/_resample.py), and runs the shared tile
+math of triton_common.py. Backward: one program per (image, block of coarse pixels) gathers, for every class at
+once, the output pixels in each coarse pixel's readers window, recomputing their logits and softmax from the coarse
+map and the saved log-sum-exp: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad
+
+
+@triton.jit
+def _tap(index_ptr, weight_ptr, o, mask):
+    """The two taps (positions, weights) of output positions o along one axis."""
+    i0 = tl.load(index_ptr + 2 * o, mask=mask, other=0)
+    i1 = tl.load(index_ptr + 2 * o + 1, mask=mask, other=0)
+    w0 = tl.load(weight_ptr + 2 * o, mask=mask, other=0.0)
+    w1 = tl.load(weight_ptr + 2 * o + 1, mask=mask, other=0.0)
+    return i0, i1, w0, w1
+
+
+@triton.jit
+def _logits_tile(coarse_ptr, plane, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, oy, ox, in_w,
+                 mask):
+    """z[BLOCK_C, BLOCK_P]: the logits upsample_add gives at output pixels (oy, ox) for the class planes starting at
+    plane[BLOCK_C] (int64 offsets), rounded to coarse's dtype as upsample_add returns them, in the accumulate dtype."""
+    y0, y1, wy0, wy1 = _tap(row_index_ptr, row_weight_ptr, oy, mask)
+    x0, x1, wx0, wx1 = _tap(col_index_ptr, col_weight_ptr, ox, mask)
+    base = plane[:, None]
+    m = mask[None, :] & (plane[:, None] >= 0)
+    r0 = base + (y0 * in_w)[None, :]
+    r1 = base + (y1 * in_w)[None, :]
+    a00 = tl.load(coarse_ptr + r0 + x0[None, :], mask=m, other=0.0).to(wy0.dtype)
+    a01 = tl.load(coarse_ptr + r0 + x1[None, :], mask=m, other=0.0).to(wy0.dtype)
+    a10 = tl.load(coarse_ptr + r1 + x0[None, :], mask=m, other=0.0).to(wy0.dtype)
+    a11 = tl.load(coarse_ptr + r1 + x1[None, :], mask=m, other=0.0).to(wy0.dtype)
+    z = wy0[None, :] * (wx0[None, :] * a00 + wx1[None, :] * a01) + wy1[None, :] * (wx0[None, :] * a10 + wx1[None, :] * a11)
+    return z.to(coarse_ptr.dtype.element_ty).to(wy0.dtype)
+
+
+@triton.jit
+def _planes(n, c_offs, num_classes, plane_size):
+    """int64 offsets of image n's class planes; -1 marks padded classes (masked by _logits_tile)."""
+    return tl.where(c_offs < num_classes, (n * num_classes + c_offs).to(tl.int64) * plane_size, -1)
+
+
+@triton.jit
+def _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT: tl.constexpr):
+    c_mask = c_offs < num_classes
+    if HAS_WEIGHT:
+        class_w = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0)
+    else:
+        class_w = tl.where(c_mask, 1.0, 0.0)
+    return class_w, tl.sum(class_w, 0)
+
+
+@triton.jit
+def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr,
+                    loss_ptr, denom_ptr, lse_ptr, eps_ptr, num_classes, ignore_index, in_h, in_w, out_h, out_w,
+                    HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < out_h * out_w
+    oy, ox = p // out_w, p % out_w
+    c_offs = tl.arange(0, BLOCK_C)
+    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_h * in_w), row_index_ptr, row_weight_ptr,
+                     col_index_ptr, col_weight_ptr, oy, ox, in_w, p_mask)
+    z = tl.where((c_offs < num_classes)[:, None], z, float("-inf"))
+    pixel = n * out_h * out_w + p
+    t = tl.load(target_ptr + pixel, mask=p_mask, other=0).to(tl.int64)
+    class_w, weight_sum = _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT)
+    eps = tl.load(eps_ptr)
+    loss, denom, lse = ce_tile_forward(z, t, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes, ignore_index)
+    tl.store(loss_ptr + pixel, loss, mask=p_mask)
+    tl.store(denom_ptr + pixel, denom, mask=p_mask)
+    tl.store(lse_ptr + pixel, lse, mask=p_mask)
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, lse_ptr, row_index_ptr, row_weight_ptr,
+                     row_readers_ptr, col_index_ptr, col_weight_ptr, col_readers_ptr, out_ptr, eps_ptr, num_classes,
+                     ignore_index, in_h, in_w, out_h, out_w, span_y, span_x, PER_PIXEL: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < in_h * in_w
+    iy, ix = q // in_w, q % in_w
+    c_offs = tl.arange(0, BLOCK_C)
+    planes = _planes(n, c_offs, num_classes, in_h * in_w)
+    class_w, weight_sum = _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT)
+    eps = tl.load(eps_ptr)
+    row_start = tl.load(row_readers_ptr + 2 * iy, mask=q_mask, other=0)
+    row_stop = tl.load(row_readers_ptr + 2 * iy + 1, mask=q_mask, other=0)
+    col_start = tl.load(col_readers_ptr + 2 * ix, mask=q_mask, other=0)
+    col_stop = tl.load(col_readers_ptr + 2 * ix + 1, mask=q_mask, other=0)
+    total = tl.zeros((BLOCK_C, BLOCK_Q), dtype=row_weight_ptr.dtype.element_ty)
+    # Every coarse pixel walks its own readers window in the same (dy, dx) order: a fixed summation order.
+    for dy in range(0, span_y):
+        oy = row_start + dy
+        y_ok = q_mask & (oy < row_stop)
+        y0, y1, wy0, wy1 = _tap(row_index_ptr, row_weight_ptr, oy, y_ok)
+        wy = tl.where(y0 == iy, wy0, 0.0) + tl.where(y1 == iy, wy1, 0.0)
+        for dx in range(0, span_x):
+            ox = col_start + dx
+            ok = y_ok & (ox < col_stop)
+            x0, x1, wx0, wx1 = _tap(col_index_ptr, col_weight_ptr, ox, ok)
+            wx = tl.where(x0 == ix, wx0, 0.0) + tl.where(x1 == ix, wx1, 0.0)
+            pixel = n * out_h * out_w + oy.to(tl.int64) * out_w + ox
+            t = tl.load(target_ptr + pixel, mask=ok, other=0).to(tl.int64)
+            lse = tl.load(lse_ptr + pixel, mask=ok, other=0.0)
+            if PER_PIXEL:
+                g = tl.load(grad_ptr + pixel, mask=ok, other=0.0)
+            else:
+                g = tl.zeros_like(lse) + tl.load(grad_ptr)
+            z = _logits_tile(coarse_ptr, planes, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, oy,
+                             ox, in_w, ok)
+            z = tl.where((c_offs < num_classes)[:, None], z, float("-inf"))
+            d = ce_tile_grad(z, t, lse, g, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes, ignore_index)
+            total += tl.where(ok[None, :], d * (wy * wx)[None, :], 0.0)
+    offs = planes[:, None] + q[None, :]
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=(c_offs < num_classes)[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, out_ptr, num_classes,
+                   in_h, in_w, out_h, out_w, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < out_h * out_w
+    oy, ox = p // out_w, p % out_w
+    c_offs = tl.arange(0, BLOCK_C)
+    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_h * in_w), row_index_ptr, row_weight_ptr,
+                     col_index_ptr, col_weight_ptr, oy, ox, in_w, p_mask)
+    real = (c_offs < num_classes)[:, None]
+    # torch.argmax: the first NaN wins; otherwise the first class holding the maximum.
+    first_nan = tl.min(tl.where(real & (z != z), c_offs[:, None], BLOCK_C), 0)
+    best = tl.max(tl.where(real, z, float("-inf")), 0)
+    first_best = tl.min(tl.where(real & (z == best[None, :]), c_offs[:, None], BLOCK_C), 0)
+    first_best = tl.where(first_best == BLOCK_C, 0, first_best)  # every logit -inf: torch gives class 0
+    label = tl.where(first_nan < BLOCK_C, first_nan, first_best)
+    tl.store(out_ptr + n * out_h * out_w + p, label.to(out_ptr.dtype.element_ty), mask=p_mask)
+
+
+def _smoothing(label_smoothing: float, like: torch.Tensor) -> torch.Tensor:
+    # Triton passes Python floats as float32; the float64 kernels need label_smoothing in float64.
+    return torch.tensor([label_smoothing], dtype=like.dtype, device=like.device)
+
+
+def _blocks(num_classes: int):
+    block_c = triton.next_power_of_2(num_classes)
+    return block_c, max(16, min(128, 4096 // block_c))
+
+
+def forward(coarse, target, weight, geometry, ignore_index, label_smoothing):
+    """(per-pixel loss, per-pixel "mean" weight, per-pixel log-sum-exp), each (N, H, W) in the accumulate dtype."""
+    rows, cols = geometry.taps(coarse.device, coarse.dtype)
+    n, c, h, w = coarse.shape
+    out_h, out_w = geometry.out_hw
+    acc = rows.weight.dtype
+    loss, denom, lse = (torch.empty((n, out_h, out_w), dtype=acc, device=coarse.device) for _ in range(3))
+    block_c, block_p = _blocks(c)
+    grid = (n, triton.cdiv(out_h * out_w, block_p))
+    _forward_kernel[grid](coarse, target, weight if weight is not None else coarse, rows.index, rows.weight,
+                          cols.index, cols.weight, loss, denom, lse, _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w,
+                          out_h, out_w, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_P=block_p)
+    return loss, denom, lse
+
+
+def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
+    """grad_coarse (N, C, h, w) from the gradient of every pixel's loss (a scalar, or (N, H, W))."""
+    rows, cols = geometry.taps(coarse.device, coarse.dtype)
+    n, c, h, w = coarse.shape
+    out_h, out_w = geometry.out_hw
+    grad_coarse = torch.empty_like(coarse)
+    # The widest readers windows bound the gather loops (2 * factor for deconv).
+    host_rows, host_cols = geometry.taps(torch.device("cpu"), coarse.dtype)  # cached: no device sync
+    span_y = int((host_rows.readers[:, 1] - host_rows.readers[:, 0]).max())
+    span_x = int((host_cols.readers[:, 1] - host_cols.readers[:, 0]).max())
+    block_c = triton.next_power_of_2(c)
+    block_q = max(16, min(64, 2048 // block_c))
+    grid = (n, triton.cdiv(h * w, block_q))
+    _backward_kernel[grid](grad_pixel, coarse, target, weight if weight is not None else coarse, lse, rows.index,
+                           rows.weight, rows.readers, cols.index, cols.weight, cols.readers, grad_coarse,
+                           _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w, out_h, out_w, span_y,
+                           span_x,
+                           PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_C=block_c,
+                           BLOCK_Q=block_q)
+    return grad_coarse
+
+
+def argmax(coarse, geometry, dtype):
+    rows, cols = geometry.taps(coarse.device, coarse.dtype)
+    n, c, h, w = coarse.shape
+    out_h, out_w = geometry.out_hw
+    labels = torch.empty((n, out_h, out_w), dtype=dtype, device=coarse.device)
+    block_c, block_p = _blocks(c)
+    grid = (n, triton.cdiv(out_h * out_w, block_p))
+    _argmax_kernel[grid](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, h, w, out_h, out_w,
+                         BLOCK_C=block_c, BLOCK_P=block_p)
+    return labels

@@ -1,0 +1,263 @@
+// upsample_cross_entropy and upsample_argmax on CUDA.
+//
+// Forward / argmax: one thread per output pixel interpolates its C logits from the 2x2 coarse taps of each class
+// plane (sample_plane, bilinear.h; the coarse map is small and stays in L2) and streams them through the shared
+// per-pixel cross-entropy (CeAccumulator, softmax_ce.h) or argmax. Backward: one thread per coarse element (n, c,
+// iy, ix) gathers the output pixels in its readers window, recomputing each one's logit z_c from the coarse map and
+// its softmax from the saved log-sum-exp: grad_coarse is written once per element, no atomics, deterministic.
+// Indices are int32 unless a tensor holds more than 2^31 - 1 elements (then int64).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "fcn_fast/bilinear.h"
+#include "fcn_fast/common.h"
+#include "fcn_fast/softmax_ce.h"
+#include "fcn_fast/upsample_ce.h"
+
+namespace fcn_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int64_t blocks_for(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>((count + kThreads - 1) / kThreads, std::numeric_limits<int32_t>::max()));
+}
+
+// int32 indexing when every count (and a grid-stride step past it) stays below 2^31.
+inline bool fits_int32(std::initializer_list<int64_t> sizes) {
+  for (int64_t s : sizes) {
+    if (s > std::numeric_limits<int32_t>::max() / 2) return false;
+  }
+  return true;
+}
+
+// The logit of class plane `plane` at output (oy, ox), rounded to scalar_t as upsample_add returns it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const UpsampleTaps<acc_t>& taps, int64_t oy,
+                                                 int64_t ox) {
+  const acc_t v = sample_plane<scalar_t, acc_t>(plane, taps.in_w, taps.row_index, taps.row_weight, taps.col_index,
+                                                taps.col_weight, oy, ox);
+  return static_cast<acc_t>(static_cast<scalar_t>(v));
+}
+
+template <typename scalar_t, typename label_t, typename index_t>
+__global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
+                               const acc_t<scalar_t>* __restrict__ class_weight, UpsampleTaps<acc_t<scalar_t>> taps,
+                               int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing, index_t pixels,
+                               acc_t<scalar_t>* __restrict__ loss, acc_t<scalar_t>* __restrict__ denom,
+                               acc_t<scalar_t>* __restrict__ lse) {
+  using acc = acc_t<scalar_t>;
+  const CeConfig<acc> cfg = make_ce_config<acc>(class_weight, num_classes, ignore_index, smoothing);
+  const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
+  const index_t out_hw = static_cast<index_t>(taps.out_h * taps.out_w);
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
+       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t n = p / out_hw, rem = p - n * out_hw;
+    const index_t oy = rem / static_cast<index_t>(taps.out_w), ox = rem - oy * static_cast<index_t>(taps.out_w);
+    const int64_t t = static_cast<int64_t>(target[p]);
+    const scalar_t* planes = coarse + n * static_cast<index_t>(num_classes) * plane_size;
+    CeAccumulator<acc> a;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      a.add(cfg, c, upsampled_logit(planes + static_cast<index_t>(c) * plane_size, taps, oy, ox), t);
+    }
+    const acc pixel_lse = a.lse();
+    ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, loss + p, denom + p);
+    lse[p] = pixel_lse;
+  }
+}
+
+template <typename scalar_t, typename label_t, typename index_t>
+__global__ void backward_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, bool per_pixel,
+                                const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
+                                const acc_t<scalar_t>* __restrict__ class_weight,
+                                const acc_t<scalar_t>* __restrict__ lse, UpsampleTaps<acc_t<scalar_t>> taps,
+                                const int32_t* __restrict__ row_readers, const int32_t* __restrict__ col_readers,
+                                int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing,
+                                index_t elements, scalar_t* __restrict__ grad_coarse) {
+  using acc = acc_t<scalar_t>;
+  const CeConfig<acc> cfg = make_ce_config<acc>(class_weight, num_classes, ignore_index, smoothing);
+  const index_t in_w = static_cast<index_t>(taps.in_w), out_w = static_cast<index_t>(taps.out_w);
+  const index_t plane_size = static_cast<index_t>(taps.in_h) * in_w;
+  const index_t out_hw = static_cast<index_t>(taps.out_h) * out_w;
+  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
+       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t plane_index = e / plane_size, rem = e - plane_index * plane_size;
+    const index_t iy = rem / in_w, ix = rem - iy * in_w;
+    const index_t n = plane_index / static_cast<index_t>(num_classes);
+    const int64_t c = static_cast<int64_t>(plane_index - n * static_cast<index_t>(num_classes));
+    const scalar_t* plane = coarse + plane_index * plane_size;
+    const label_t* labels = target + n * out_hw;
+    const acc* pixel_lse = lse + n * out_hw;
+    acc total = 0;
+    for (index_t oy = row_readers[2 * iy]; oy < row_readers[2 * iy + 1]; ++oy) {
+      const acc wy = tap_weight(taps.row_index, taps.row_weight, oy, iy);
+      if (wy == acc(0)) continue;
+      for (index_t ox = col_readers[2 * ix]; ox < col_readers[2 * ix + 1]; ++ox) {
+        const acc wx = tap_weight(taps.col_index, taps.col_weight, ox, ix);
+        if (wx == acc(0)) continue;
+        const index_t q = oy * out_w + ox;
+        const acc g = per_pixel ? grad_pixel[n * out_hw + q] : grad_pixel[0];
+        const acc z = upsampled_logit(plane, taps, oy, ox);
+        total += wy * wx * ce_logit_grad(cfg, static_cast<int64_t>(labels[q]), c, z, pixel_lse[q], g);
+      }
+    }
+    grad_coarse[e] = static_cast<scalar_t>(total);
+  }
+}
+
+template <typename scalar_t, typename label_t, typename index_t>
+__global__ void argmax_kernel(const scalar_t* __restrict__ coarse, UpsampleTaps<acc_t<scalar_t>> taps,
+                              int64_t num_classes, index_t pixels, label_t* __restrict__ labels) {
+  using acc = acc_t<scalar_t>;
+  const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
+  const index_t out_hw = static_cast<index_t>(taps.out_h * taps.out_w);
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
+       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t n = p / out_hw, rem = p - n * out_hw;
+    const index_t oy = rem / static_cast<index_t>(taps.out_w), ox = rem - oy * static_cast<index_t>(taps.out_w);
+    const scalar_t* planes = coarse + n * static_cast<index_t>(num_classes) * plane_size;
+    acc best = upsampled_logit(planes, taps, oy, ox);
+    int64_t best_class = 0;
+    for (int64_t c = 1; c < num_classes; ++c) {
+      const acc z = upsampled_logit(planes + static_cast<index_t>(c) * plane_size, taps, oy, ox);
+      if (argmax_takes(z, best)) {
+        best = z;
+        best_class = c;
+      }
+    }
+    labels[p] = static_cast<label_t>(best_class);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
+    const at::Tensor& coarse, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_index, const at::Tensor& row_weight, const at::Tensor& col_index,
+    const at::Tensor& col_weight, int64_t ignore_index, double smoothing) {
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
+  check_ce_arguments(coarse, target, weight, row_index, col_index);
+  const c10::cuda::CUDAGuard guard(coarse.device());
+  const auto acc_type = row_weight.scalar_type();
+  at::Tensor loss = at::empty(target.sizes(), coarse.options().dtype(acc_type));
+  at::Tensor denom = at::empty(target.sizes(), coarse.options().dtype(acc_type));
+  at::Tensor lse = at::empty(target.sizes(), coarse.options().dtype(acc_type));
+  const int64_t pixels = target.numel();
+  if (pixels == 0) return std::make_tuple(loss, denom, lse);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool small = fits_int32({pixels, coarse.numel()});
+  FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd_cuda", [&] {
+    using scalar = scalar_t;
+    using acc = acc_t<scalar>;
+    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
+      using label = scalar_t;
+      if (small) {
+        forward_kernel<scalar, label, int32_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+            coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
+            acc(smoothing), static_cast<int32_t>(pixels), loss.data_ptr<acc>(), denom.data_ptr<acc>(),
+            lse.data_ptr<acc>());
+      } else {
+        forward_kernel<scalar, label, int64_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+            coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
+            acc(smoothing), pixels, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return std::make_tuple(loss, denom, lse);
+}
+
+at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Tensor& coarse,
+                                      const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                      const at::Tensor& lse, const at::Tensor& row_index,
+                                      const at::Tensor& row_weight, const at::Tensor& row_readers,
+                                      const at::Tensor& col_index, const at::Tensor& col_weight,
+                                      const at::Tensor& col_readers, int64_t ignore_index, double smoothing) {
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight, &row_readers, &col_readers);
+  check_ce_arguments(coarse, target, weight, row_index, col_index);
+  check_ce_backward_arguments(grad_pixel, target, lse, row_weight.scalar_type());
+  const c10::cuda::CUDAGuard guard(coarse.device());
+  at::Tensor grad_coarse = at::empty_like(coarse);
+  const int64_t elements = coarse.numel();
+  if (elements == 0) return grad_coarse;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool small = fits_int32({elements, target.numel()});
+  const bool per_pixel = grad_pixel.numel() != 1;
+  FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_bwd_cuda", [&] {
+    using scalar = scalar_t;
+    using acc = acc_t<scalar>;
+    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
+      using label = scalar_t;
+      if (small) {
+        backward_kernel<scalar, label, int32_t><<<blocks_for(elements), kThreads, 0, stream>>>(
+            grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
+            class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
+            col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing),
+            static_cast<int32_t>(elements), grad_coarse.data_ptr<scalar>());
+      } else {
+        backward_kernel<scalar, label, int64_t><<<blocks_for(elements), kThreads, 0, stream>>>(
+            grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
+            class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
+            col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing), elements,
+            grad_coarse.data_ptr<scalar>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_coarse;
+}
+
+at::Tensor upsample_argmax(const at::Tensor& coarse, const at::Tensor& row_index, const at::Tensor& row_weight,
+                           const at::Tensor& col_index, const at::Tensor& col_weight, at::ScalarType dtype) {
+  check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
+  check_label_dtype(coarse, dtype);
+  const c10::cuda::CUDAGuard guard(coarse.device());
+  at::Tensor labels = at::empty({coarse.size(0), row_index.size(0), col_index.size(0)}, coarse.options().dtype(dtype));
+  const int64_t pixels = labels.numel();
+  if (pixels == 0) return labels;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool small = fits_int32({pixels, coarse.numel()});
+  FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_argmax_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    auto launch = [&](auto* out) {
+      using label = std::remove_pointer_t<decltype(out)>;
+      if (small) {
+        argmax_kernel<scalar_t, label, int32_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+            coarse.data_ptr<scalar_t>(), taps, coarse.size(1), static_cast<int32_t>(pixels), out);
+      } else {
+        argmax_kernel<scalar_t, label, int64_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+            coarse.data_ptr<scalar_t>(), taps, coarse.size(1), pixels, out);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (dtype == at::kLong) {
+      launch(labels.data_ptr<int64_t>());
+    } else {
+      launch(labels.data_ptr<uint8_t>());
+    }
+  });
+  return labels;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcn_fast, CUDA, m) {
+  m.impl("_upsample_cross_entropy_fwd", &upsample_cross_entropy_fwd);
+  m.impl("_upsample_cross_entropy_bwd", &upsample_cross_entropy_bwd);
+  m.impl("_upsample_argmax", &upsample_argmax);
+}
+
+}  // namespace fcn_fast
