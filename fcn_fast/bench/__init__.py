@@ -78,13 +78,17 @@ def run(argv: Sequence[str], prog: str = "fcn-fast bench") -> Path:
     env = report.environment(device)
     copy_bw = measure.copy_bandwidth(device, args.quick)
     print(f"copy bandwidth: {copy_bw['gbps']:.1f} GB/s", flush=True)
-    suite = Suite(device, args.quick, backends, compile_modes, _csv(args.providers), args.time_budget,
-                  log=lambda line: print(line, flush=True))
-    rows = suite.run(cases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (args.name or report.default_stem(env, args.quick))
-    report.write_json(stem.with_suffix(".json"), env, copy_bw, rows, argv, time.perf_counter() - t0)
+
+    def save(rows):
+        report.write_json(stem.with_suffix(".json"), env, copy_bw, rows, argv, time.perf_counter() - t0)
+
+    suite = Suite(device, args.quick, backends, compile_modes, _csv(args.providers), args.time_budget,
+                  log=lambda line: print(line, flush=True))
+    rows = suite.run(cases, after_group=save)
+    save(rows)
     written = report.write_all(report.load(stem.with_suffix(".json")), stem, plots=not args.no_plots)
     print(f"wrote {stem.with_suffix('.json')}, " + ", ".join(str(p) for p in written), flush=True)
     failed = [r for r in rows if r["status"] == "failed" and r["provider"] == "eager"]

@@ -163,6 +163,7 @@ def plot(doc: dict, stem: Path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     ok = [r for r in doc["rows"] if r["status"] == "ok" and r.get("speedup_vs_eager")]
@@ -178,6 +179,10 @@ def plot(doc: dict, stem: Path) -> List[Path]:
             ax.bar(xs, [value.get((g, p), 0) for g in groups], width, label=p)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
+        times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
+        ax.yaxis.set_major_formatter(times)
+        ax.yaxis.set_minor_formatter(times)
+        ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("speed-up over eager PyTorch (×)")

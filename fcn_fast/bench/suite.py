@@ -12,6 +12,10 @@ from fcn_fast.bench import measure
 from fcn_fast.bench.cases import DTYPES, Case, OpBench, OPS, Provider
 
 
+# "max-autotune where it finishes in reasonable time": after one compile this slow, the mode is dropped for the run.
+MAX_AUTOTUNE_COMPILE_S = 90.0
+
+
 def _kind(mode: str) -> str:
     return "infer" if mode == "inference" else "train"
 
@@ -87,6 +91,8 @@ class Suite:
         self.deadline = time.monotonic() + time_budget if time_budget else None
         self.log = log
         self.rows: List[dict] = []
+        self.dropped: Dict[str, str] = {}  # provider -> why it no longer runs in this run
+
 
     def _row(self, case: Case, mode: str, provider: str, **fields) -> dict:
         s = case.shape
@@ -99,6 +105,10 @@ class Suite:
         op, device = OPS[case.op], self.device
         names = [n for n in provider_names(op, device, self.backends, self.compile_modes)
                  if self.only is None or n in self.only or n == "eager"]
+        for name in [n for n in names if n in self.dropped]:
+            names.remove(name)
+            for mode in case.modes:
+                self._row(case, mode, name, status="skipped", reason=self.dropped[name])
         why_not = op.available() or (
             "time budget spent" if self.deadline and time.monotonic() > self.deadline else None)
         if why_not:
@@ -133,6 +143,9 @@ class Suite:
                 check = max(verdicts, key=lambda v: (not v["ok"], v.get("error") if isinstance(v.get("error"), float) else 0))
                 if name.startswith("compile"):
                     provider.compile_s = time.perf_counter() - t0  # first calls: tracing + compiling dominate
+                    if name != "compile" and provider.compile_s > MAX_AUTOTUNE_COMPILE_S:
+                        self.dropped[name] = (f"compiling took {provider.compile_s:.0f} s on {case.op} "
+                                              f"{case.shape.label} {case.dtype}: not run after that")
                 checks[name] = check
                 if check["ok"]:
                     ready[name] = provider
@@ -179,12 +192,16 @@ class Suite:
         return {kind: [None if t is None else t.detach() for t in
                        _outputs(op, gold, kind, gold_inputs, _float64(frozen), seed=7)] for kind in kinds}
 
-    def run(self, cases: Sequence[Case]) -> List[dict]:
+    def run(self, cases: Sequence[Case], after_group: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+        """All cases; ``after_group(rows)`` after each group (the CLI saves partial results there, so that a run
+        killed at its time limit keeps what it measured)."""
         for i, case in enumerate(cases):
             self.log(f"[{i + 1}/{len(cases)}] {case.op} | {case.shape.label} | {case.dtype} | {', '.join(case.modes)}"
                      + (f" | {case.shape.note}" if case.shape.note else ""))
             self.run_group(case)
-        add_speedups(self.rows)
+            add_speedups(self.rows)
+            if after_group:
+                after_group(self.rows)
         return self.rows
 
 
