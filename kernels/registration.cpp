@@ -46,7 +46,18 @@ TORCH_LIBRARY(fcn_fast, m) {
       "Tensor col_index, Tensor col_weight, Tensor col_readers, int in_h, int in_w, int skip_h, int skip_w, "
       "int skip_y, int skip_x, float skip_scale, bool need_x, bool need_skip) -> (Tensor, Tensor)");
 
-  // softmax_cross_entropy kernels (issue 4).
+  // softmax_cross_entropy kernels (issue 4). logits (N, C, S) with any strides, target (N, S) of any integer dtype,
+  // weight: contiguous (C,) of the accumulate dtype (float32; float64 for float64 logits). Labels outside [0, C) are
+  // ignored (the Python front end has rejected them unless check_targets=False). Per-pixel outputs are (N, S) in the
+  // accumulate dtype: (loss, weight of the pixel in the "mean" denominator, log-sum-exp saved for backward).
+  m.def(
+      "_softmax_cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  // grad_loss: (N, S) in the accumulate dtype, the gradient of each pixel's loss (an expanded scalar for "mean" and
+  // "sum"). Returns grad_logits shaped and, when dense, strided like logits.
+  m.def(
+      "_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, Tensor? weight, "
+      "int ignore_index, float label_smoothing) -> Tensor");
 
   // upsample_cross_entropy / upsample_argmax kernels (issue 4).
 }

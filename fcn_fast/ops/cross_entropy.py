@@ -1,31 +1,253 @@
-"""softmax_cross_entropy: per-pixel softmax cross-entropy over NCHW logits (issue 4).
+"""softmax_cross_entropy: per-pixel softmax cross-entropy over class-strided logits, with F.cross_entropy's semantics.
 
-PLACEHOLDER: reference semantics only (F.cross_entropy), so that models and the pipeline can be written against the
-final API; the custom op with cpu/cuda/triton backends replaces this module.
+Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
+fake kernel) live here; the kernels live in kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and
+fcn_fast/ops/triton_cross_entropy.py, the per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and
+fcn_fast/ops/triton_common.py.
+
+Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
+both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
+recomputes the probabilities from it (measured faster on CPU than writing the gradient during the forward pass, see
+docs/cross_entropy.md).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from fcn_fast import _backends
+from fcn_fast._validation import check_tensor, describe
+from fcn_fast.ops import _ce_common
+
+OP = "softmax_cross_entropy"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets) -> Optional[torch.Tensor]:
+    check_tensor(OP, "logits", logits, min_ndim=2)
+    weight = _ce_common.check_ce_options(OP, logits, target, weight, ignore_index, reduction, label_smoothing)
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"{OP}: target must be logits' shape without the class dim 1: logits (N, C, d1, ...) needs "
+                         f"target (N, d1, ...); got logits: {describe(logits)}; target: {describe(target)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{OP}: logits must have at least one class, got {describe(logits)}")
+    if not isinstance(check_targets, bool):
+        raise TypeError(f"{OP}: check_targets must be a bool, got {check_targets!r}")
+    if check_targets:
+        _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
+    return weight
+
+
+def _flat(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, S) and (N, S) views (copies only when the spatial dims cannot be merged, e.g. a sliced tensor)."""
+    n, c = logits.shape[0], logits.shape[1]
+    spatial = math.prod(logits.shape[2:])
+    return logits.reshape(n, c, spatial), target.reshape(n, spatial)
+
+
+# ---- reference: F.cross_entropy in the accumulate dtype ----------------------------------------------------------
+
+def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
+    """Per-pixel (loss, denominator weight) of F.cross_entropy, computed in float32 (float64 for float64)."""
+    z = logits.to(_acc_dtype(logits.dtype))
+    valid = (target != ignore_index) & (target >= 0) & (target < z.shape[1])
+    safe_target = torch.where(valid, target, 0).long()  # labels the caller let through unchecked are ignored
+    loss = F.cross_entropy(z, safe_target, weight=weight, reduction="none", label_smoothing=label_smoothing)
+    loss = torch.where(valid, loss, 0.0)  # where, not *: ignored pixels give 0 as in PyTorch, even for NaN logits
+    denom = (weight[safe_target] if weight is not None else torch.ones_like(loss)) * valid
+    return loss, denom, safe_target, valid
+
+
+def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
+    loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
+    lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=1)
+    return loss, denom, lse
+
+
+def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
+    # The gradient in closed form (softmax_ce.h has the derivation): a custom op's body runs below autograd, so it
+    # cannot differentiate F.cross_entropy itself.
+    z = logits.to(_acc_dtype(logits.dtype))
+    num_classes = z.shape[1]
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    safe_target = torch.where(valid, target, 0).long()
+    class_w = weight if weight is not None else z.new_ones(num_classes)
+    g = grad_pixels * valid  # ignored pixels: p * 0, NaN where their logits are NaN/inf, as in PyTorch
+    eps = label_smoothing
+    w_t = class_w[safe_target]
+    prob = torch.softmax(z, dim=1)
+    grad = prob * (g * ((1 - eps) * w_t + eps / num_classes * class_w.sum())).unsqueeze(1)
+    grad = grad - F.one_hot(safe_target, num_classes).movedim(-1, 1) * (g * (1 - eps) * w_t).unsqueeze(1)
+    grad = grad - (eps / num_classes) * class_w.view(1, -1, 1) * g.unsqueeze(1)
+    return grad.to(logits.dtype)
+
+
+# ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
+# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
+# backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
+
+def _native_forward(logits, target, weight, ignore_index, label_smoothing):
+    return torch.ops.fcn_fast._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+
+
+def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
+    return torch.ops.fcn_fast._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
+                                                         label_smoothing)
+
+
+def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
+    from fcn_fast.ops import triton_cross_entropy
+
+    return triton_cross_entropy.forward(logits, target, weight, ignore_index, label_smoothing)
+
+
+def _triton_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
+    from fcn_fast.ops import triton_cross_entropy
+
+    return triton_cross_entropy.backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
+
+
+_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
+_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
+             "triton": _triton_backward}
+
+
+# ---- torch.library registration ----------------------------------------------------------------------------------
+# Outputs: the loss (what the public function returns), the per-pixel log-sum-exp and the "mean" denominator, both
+# kept for backward only.
+
+def _output_shapes(logits, target, reduction):
+    loss_shape = target.shape if reduction == "none" else ()
+    return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
+
+
+@torch.library.custom_op("fcn_fast::softmax_cross_entropy", mutates_args=())
+def _softmax_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                              ignore_index: int, reduction: str, label_smoothing: float,
+                              backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat_logits, flat_target = _flat(logits, target)
+    loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
+    denom_total = denom.sum()
+    out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
+    out = out.reshape(target.shape) if reduction == "none" else out
+    return out.to(logits.dtype), lse, denom_total
+
+
+@_softmax_cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, backend):
+    loss_shape, pixels = _output_shapes(logits, target, reduction)
+    acc = _acc_dtype(logits.dtype)
+    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("fcn_fast::softmax_cross_entropy_backward", mutates_args=())
+def _softmax_cross_entropy_backward_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                       weight: Optional[torch.Tensor], lse: torch.Tensor, denom_total: torch.Tensor,
+                                       ignore_index: int, reduction: str, label_smoothing: float,
+                                       backend: str) -> torch.Tensor:
+    flat_logits, flat_target = _flat(logits, target)
+    grad = grad.to(lse.dtype)
+    if reduction == "none":
+        grad_pixels = grad.reshape(flat_target.shape)
+    else:  # every pixel's loss enters with the same factor: an expanded scalar, never materialized
+        grad_pixels = (grad / denom_total if reduction == "mean" else grad).expand(flat_target.shape)
+    if flat_logits.numel() == 0:
+        return torch.zeros_like(logits)
+    grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
+    return grad_logits.reshape(logits.shape)
+
+
+@_softmax_cross_entropy_backward_op.register_fake
+def _(grad, logits, target, weight, lse, denom_total, ignore_index, reduction, label_smoothing, backend):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, reduction, label_smoothing, backend = inputs
+    _, lse, denom_total = output
+    ctx.save_for_backward(logits, target, weight, lse, denom_total)
+    ctx.options = (ignore_index, reduction, label_smoothing, backend)
+
+
+def _backward(ctx, grad, _grad_lse, _grad_denom):
+    logits, target, weight, lse, denom_total = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = torch.ops.fcn_fast.softmax_cross_entropy_backward(grad, logits, target, weight, lse, denom_total,
+                                                                         *ctx.options)
+    return grad_logits, None, None, None, None, None, None
+
+
+_softmax_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------------
 
 def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
                           ignore_index: int = 255, reduction: str = "mean", label_smoothing: float = 0.0,
                           check_targets: bool = True, backend: Optional[str] = None) -> torch.Tensor:
-    return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    """Softmax cross-entropy over the class dim 1, exactly ``F.cross_entropy`` with class-index targets.
+
+    Args:
+        logits: Tensor[N, C, d1, ...] (or [N, C]), float32/float64/float16/bfloat16, any strides (channels-last
+            too). Computed in float32 (float64 for float64), never materializing the probabilities.
+        target: Tensor[N, d1, ...] of class indices, any integer dtype (int64, int32, uint8, ...).
+        weight: optional Tensor[C] of class weights (any float dtype, logits' device).
+        ignore_index: label whose pixels contribute nothing (default 255, the VOC boundary label; pass -100 for
+            PyTorch's default).
+        reduction: ``"mean"`` (sum of weighted losses / sum of the weights of non-ignored pixels: NaN when every pixel
+            is ignored, as in PyTorch), ``"sum"`` or ``"none"`` (Tensor[N, d1, ...]).
+        label_smoothing: float in [0, 1], PyTorch's definition (weights included).
+        check_targets: raise a ValueError naming labels outside [0, C) other than ignore_index (one pass over the
+            target and a host sync). False skips it: such labels are then ignored like ignore_index (kernels never
+            index with them).
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
+
+    Returns:
+        The loss in logits' dtype: a scalar, or Tensor[N, d1, ...] for ``reduction="none"``. Differentiable with
+        respect to logits.
+    """
+    weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
+    name = _backends.resolve_backend(backend, logits.device, OP)
+    loss, _, _ = torch.ops.fcn_fast.softmax_cross_entropy(logits, target, weight, int(ignore_index), reduction,
+                                                          float(label_smoothing), name)
+    return loss
 
 
 class SoftmaxCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` (same arguments, defaults and behaviour for class-index targets)
+    running :func:`softmax_cross_entropy`; ``backend=`` picks the kernels."""
+
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, backend: Optional[str] = None):
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 backend: Optional[str] = None) -> None:
         super().__init__()
+        if size_average is not None or reduce is not None:
+            # PyTorch's deprecated pair, mapped to a reduction as nn.CrossEntropyLoss does (with its warning).
+            from torch.nn import _reduction
+
+            reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing, self.backend = ignore_index, reduction, label_smoothing, backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return softmax_cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                     reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend)
+                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        if self.weight is not None:
+            parts.append(f"weight=Tensor[{self.weight.shape[0]}]")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

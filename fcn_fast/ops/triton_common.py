@@ -3,7 +3,8 @@ logits (the Triton twin of kernels/include/fcn_fast/softmax_ce.h; formulas there
 
 A tile is z[BLOCK_C, BLOCK_P]: BLOCK_C >= C classes (padded to a power of two) by BLOCK_P pixels, float32, with
 padded classes set to -inf by the caller. class_w[BLOCK_C] holds the class weights (1.0 when none, 0.0 for padded
-classes). Pixels whose target is ignore_index or outside [0, C) are ignored: loss, weight and gradient 0.
+classes). Pixels whose target is ignore_index or outside [0, C) are ignored: loss and weight 0, gradient p * 0 (0, or
+NaN where their logits hold NaN/+inf, as PyTorch's log_softmax backward gives).
 """
 
 import triton
@@ -36,4 +37,4 @@ def ce_tile_grad(z, t, lse, g, class_w, c_offs, weight_sum, eps, num_classes, ig
     coef = (1.0 - eps) * w_t + (eps / num_classes) * weight_sum
     d = p * coef[None, :] - tl.where(is_t, ((1.0 - eps) * w_t)[None, :], 0.0) - (eps / num_classes) * class_w[:, None]
     valid = (t != ignore_index) & (t >= 0) & (t < num_classes)
-    return tl.where(valid[None, :], d * g[None, :], 0.0)
+    return tl.where(valid[None, :], d * g[None, :], p * 0.0)

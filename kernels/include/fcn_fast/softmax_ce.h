@@ -5,7 +5,9 @@
 //   loss = (1 - eps) w_t (lse - z_t) + (eps / C) sum_c w_c (lse - z_c)        (torch.nn.functional.cross_entropy)
 //   dloss/dz_c = p_c ((1 - eps) w_t + (eps / C) sum_c w_c) - (1 - eps) w_t [c == t] - (eps / C) w_c,  p = softmax(z)
 // An ignored pixel (t == ignore_index, or any t outside [0, C) when the caller skipped the label check) has loss 0,
-// weight 0 and gradient 0. "mean" divides by the summed w_t of the pixels that are not ignored.
+// weight 0 and gradient 0 * p_c (0, or NaN where its logits hold NaN/+inf, exactly as PyTorch's log_softmax backward
+// gives). "mean" divides by the summed w_t of the pixels that are not ignored.
+// NaN/inf logits follow PyTorch: any NaN or +inf logit (or all logits -inf) makes the pixel's lse NaN.
 #pragma once
 
 #include <cmath>
@@ -44,7 +46,8 @@ struct CeAccumulator {
 
   FCN_HD void add(const CeConfig<acc_t>& cfg, int64_t c, acc_t z, int64_t t) {
     if (z > max) {
-      sum = sum * exp_(max - z) + acc_t(1);
+      // The new maximum contributes exp(z - z): 1, but NaN for z = +inf, as a two-pass log-sum-exp (PyTorch) gives.
+      sum = sum * exp_(max - z) + (z - z + acc_t(1));
       max = z;
     } else {
       sum += exp_(z - max);  // z - max is NaN when z is NaN: NaN propagates as in PyTorch
@@ -75,18 +78,42 @@ FCN_HD void ce_pixel_loss(const CeConfig<acc_t>& cfg, int64_t t, acc_t lse, acc_
   *denom_weight = wt;
 }
 
+// Sum of the class weights (C when there are none), needed with label smoothing.
+template <typename acc_t>
+FCN_HD acc_t ce_weight_sum(const acc_t* class_weight, int64_t num_classes) {
+  if (!class_weight) return acc_t(num_classes);
+  acc_t total = 0;
+  for (int64_t c = 0; c < num_classes; ++c) total += class_weight[c];
+  return total;
+}
+
+// The gradient of one pixel, factored so that a kernel computes the per-pixel part once and then spends one exp and
+// a multiply-add per class:  g * dloss/dz_c = p_c * prob_scale - [c == t] * target_scale - w_c * smooth_scale.
+template <typename acc_t>
+struct CeGradCoef {
+  acc_t prob_scale;
+  acc_t target_scale;
+  acc_t smooth_scale;
+
+  FCN_HD acc_t grad(acc_t p, bool is_target, acc_t class_weight) const {
+    return p * prob_scale - (is_target ? target_scale : acc_t(0)) - class_weight * smooth_scale;
+  }
+};
+
+// g is the incoming gradient of this pixel's loss. Ignored pixels get all-zero coefficients (p_c * 0).
+template <typename acc_t>
+FCN_HD CeGradCoef<acc_t> ce_grad_coef(const CeConfig<acc_t>& cfg, int64_t t, acc_t g) {
+  if (ce_is_ignored(cfg, t)) return {acc_t(0), acc_t(0), acc_t(0)};
+  const acc_t eps = cfg.smoothing;
+  const acc_t wt = ce_class_weight(cfg, t);
+  const acc_t eps_c = eps / acc_t(cfg.num_classes);
+  return {g * ((acc_t(1) - eps) * wt + eps_c * cfg.weight_sum), g * (acc_t(1) - eps) * wt, g * eps_c};
+}
+
 // dloss/dz_c of one pixel scaled by the incoming gradient g of that pixel's loss.
 template <typename acc_t>
 FCN_HD acc_t ce_logit_grad(const CeConfig<acc_t>& cfg, int64_t t, int64_t c, acc_t z, acc_t lse, acc_t g) {
-  if (ce_is_ignored(cfg, t)) return 0;
-  const acc_t eps = cfg.smoothing;
-  const acc_t wt = ce_class_weight(cfg, t);
-  const acc_t p = ::exp(z - lse);
-  const acc_t inv_c = acc_t(1) / acc_t(cfg.num_classes);
-  acc_t d = p * ((acc_t(1) - eps) * wt + eps * inv_c * cfg.weight_sum);
-  if (c == t) d -= (acc_t(1) - eps) * wt;
-  if (eps != acc_t(0)) d -= eps * inv_c * ce_class_weight(cfg, c);
-  return g * d;
+  return ce_grad_coef(cfg, t, g).grad(::exp(z - lse), c == t, ce_class_weight(cfg, c));
 }
 
 }  // namespace fcn_fast

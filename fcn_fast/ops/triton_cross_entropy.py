@@ -1,0 +1,123 @@
+"""softmax_cross_entropy in Triton: forward (per-pixel loss, denominator weight, log-sum-exp) and backward.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; tests only). A program owns BLOCK_P
+consecutive pixels of the flattened (N, S) grid and loads their logits as one [BLOCK_C, BLOCK_P] tile straight from
+the caller's strides: along NCHW's pixel axis the loads of one class row are contiguous, so they coalesce; the math
+on the tile is ``triton_common.ce_tile_forward`` / ``ce_tile_grad``. All C classes sit in one tile (BLOCK_C = C
+rounded up to a power of two), which bounds C (MAX_CLASSES).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad
+
+# A tile holds about this many logits: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
+TILE_ELEMENTS = 4096
+MAX_CLASSES = 16384
+
+
+def _blocks(num_classes: int):
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"softmax_cross_entropy: the triton backend keeps all classes of a pixel in one tile and "
+                         f"supports at most {MAX_CLASSES} classes, got {num_classes}; use the cuda backend")
+    block_c = triton.next_power_of_2(num_classes)
+    block_p = max(1, min(256, TILE_ELEMENTS // block_c))
+    return block_c, block_p
+
+
+@triton.jit
+def _load_tile(logits_ptr, target_ptr, weight_ptr, pid, total, pixels, num_classes,
+               stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
+               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of BLOCK_P pixels starting at pid * BLOCK_P: (flat pixel index, pixel mask, n, p, class offsets,
+    logits [BLOCK_C, BLOCK_P] with -inf padding, targets, class weights, their sum)."""
+    i = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # int64: N*C*S can pass 2**31
+    p_mask = i < total
+    n = i // pixels
+    p = i - n * pixels
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < num_classes
+    offsets = (n * stride_ln + p * stride_ls)[None, :] + c.to(tl.int64)[:, None] * stride_lc
+    z = tl.load(logits_ptr + offsets, mask=c_mask[:, None] & p_mask[None, :], other=float("-inf")).to(ACC)
+    t = tl.load(target_ptr + n * stride_tn + p * stride_ts, mask=p_mask, other=0).to(tl.int64)
+    if HAS_WEIGHT:
+        class_w = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        class_w = tl.where(c_mask, 1.0, 0.0).to(ACC)
+    return i, p_mask, n, p, c, z, t, class_w, tl.sum(class_w, 0)
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, denom_ptr, lse_ptr,
+                    total, pixels, num_classes, stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
+                    ignore_index, eps_ptr,
+                    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """loss, denom, lse: contiguous (N, S) in ACC."""
+    i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
+        logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
+        stride_ln, stride_lc, stride_ls, stride_tn, stride_ts, HAS_WEIGHT, ACC, BLOCK_C, BLOCK_P)
+    loss, denom, lse = ce_tile_forward(z, t, class_w, c, weight_sum, tl.load(eps_ptr), num_classes, ignore_index)
+    tl.store(loss_ptr + i, loss, mask=p_mask)
+    tl.store(denom_ptr + i, denom, mask=p_mask)
+    tl.store(lse_ptr + i, lse, mask=p_mask)
+
+
+@triton.jit
+def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr, grad_ptr,
+                     total, pixels, num_classes, stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
+                     stride_gn, stride_gs, stride_dn, stride_dc, stride_ds, ignore_index, eps_ptr,
+                     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """grad[n, c, p] = g[n, p] * dloss/dz; grad_loss (N, S) may have zero strides (an expanded scalar)."""
+    i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
+        logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
+        stride_ln, stride_lc, stride_ls, stride_tn, stride_ts, HAS_WEIGHT, ACC, BLOCK_C, BLOCK_P)
+    lse = tl.load(lse_ptr + i, mask=p_mask, other=0.0)
+    g = tl.load(grad_loss_ptr + n * stride_gn + p * stride_gs, mask=p_mask, other=0.0)
+    d = ce_tile_grad(z, t, lse, g, class_w, c, weight_sum, tl.load(eps_ptr), num_classes, ignore_index)
+    offsets = (n * stride_dn + p * stride_ds)[None, :] + c.to(tl.int64)[:, None] * stride_dc
+    tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=(c < num_classes)[:, None] & p_mask[None, :])
+
+
+def _acc(logits: torch.Tensor):
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
+
+
+def _smoothing(label_smoothing: float, like: torch.Tensor) -> torch.Tensor:
+    # A tensor, not a scalar argument: Triton passes Python floats as float32, too coarse for float64 logits.
+    return torch.full((1,), label_smoothing, dtype=like.dtype, device=like.device)
+
+
+def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
+    """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight, lse), contiguous (N, S) in the acc dtype."""
+    n, num_classes, pixels = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss, denom, lse = (torch.empty((n, pixels), device=logits.device, dtype=acc) for _ in range(3))
+    total = n * pixels
+    if total == 0:
+        return loss, denom, lse
+    block_c, block_p = _blocks(num_classes)
+    _forward_kernel[(triton.cdiv(total, block_p),)](
+        logits, target, weight if weight is not None else lse, loss, denom, lse,
+        total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index, _smoothing(label_smoothing, lse),
+        HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+    return loss, denom, lse
+
+
+def backward(grad_pixels, logits, target, lse, weight, ignore_index: int, label_smoothing: float):
+    """grad_pixels (N, S) in the acc dtype (strides may be 0) -> grad_logits, shaped and strided like logits."""
+    grad = torch.empty_like(logits)
+    n, num_classes, pixels = logits.shape
+    total = n * pixels
+    if grad.numel() == 0:
+        return grad
+    block_c, block_p = _blocks(num_classes)
+    _backward_kernel[(triton.cdiv(total, block_p),)](
+        logits, target, weight if weight is not None else lse, lse, grad_pixels, grad,
+        total, pixels, num_classes, *logits.stride(), *target.stride(), *grad_pixels.stride(), *grad.stride(),
+        ignore_index, _smoothing(label_smoothing, lse),
+        HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+    return grad

@@ -1,0 +1,246 @@
+// softmax_cross_entropy on the CPU: logits (N, C, S) read in place with their strides (no permute copies).
+//
+// Fast path, pixels contiguous (NCHW, the segmentation layout): a task is a block of kBlock pixels of one image; it
+// sweeps the C rows of the block (each row is kBlock consecutive pixels of one class, stride S apart), so every inner
+// loop runs over consecutive pixels and vectorizes. The block (C x kBlock values) stays in L1/L2 between the sweeps:
+// a max sweep then an exp-sum sweep costs one exp per logit, where an online softmax would pay two.
+// Other layouts (channels-last, (N, C) class scores) take the per-pixel path: one online softmax (softmax_ce.h) per
+// pixel over its C strided logits.
+// Forward writes per pixel the loss, its weight in the "mean" denominator and the log-sum-exp (the one float backward
+// keeps); backward recomputes p = exp(z - lse) and writes the gradient, again one exp per logit.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+#include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
+#include "fcn_fast/softmax_ce.h"
+
+namespace fcn_fast {
+namespace {
+
+constexpr int64_t kBlock = 128;  // pixels per task on the contiguous path
+
+// exp(x) for float that GCC vectorizes (std::exp is a libm call per lane): Cephes' range reduction and degree-6
+// polynomial, about 2 ulp. Only ever called with x <= ~0 (z - max, z - lse): below -87 it returns 0 (a softmax term
+// under 1e-38 of the largest one), above 88 +inf; NaN stays NaN, so NaN logits propagate as in PyTorch.
+inline float exp_vec(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // comparisons are false for NaN: it passes
+  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer n in the
+  const float n = shifted - 12582912.0f;                          // low mantissa bits, no float->int conversion
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;    // x - n ln2 in two parts
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  const int32_t scale_bits = (bits - 0x4B400000 + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  const float value = y * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : value);
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+template <typename acc_t>
+CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num_classes, int64_t ignore_index,
+                            double smoothing) {
+  const acc_t* w = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+  return CeConfig<acc_t>{w, ce_weight_sum(w, num_classes), static_cast<acc_t>(smoothing), num_classes, ignore_index};
+}
+
+template <typename scalar_t, typename target_t, typename acc_t>
+void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
+                    acc_t* loss, acc_t* denom, acc_t* lse_out) {
+  const int64_t blocks = (L.s + kBlock - 1) / kBlock;
+  const bool smoothing = cfg.smoothing != acc_t(0);
+  at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    acc_t row_max[kBlock], row_sum[kBlock], weighted_sum[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
+      const int64_t len = std::min(kBlock, L.s - p0);
+      const scalar_t* base = logits + n * L.logit_n + p0;
+      for (int64_t p = 0; p < len; ++p) {
+        row_max[p] = -std::numeric_limits<acc_t>::infinity();
+        row_sum[p] = 0;
+        weighted_sum[p] = 0;
+      }
+      for (int64_t c = 0; c < L.c; ++c) {
+        const scalar_t* row = base + c * L.logit_c;
+#pragma omp simd
+        for (int64_t p = 0; p < len; ++p) {
+          const acc_t z = static_cast<acc_t>(row[p]);
+          row_max[p] = z > row_max[p] ? z : row_max[p];  // a NaN logit is skipped here and poisons the sum below
+        }
+      }
+      for (int64_t c = 0; c < L.c; ++c) {
+        const scalar_t* row = base + c * L.logit_c;
+#pragma omp simd
+        for (int64_t p = 0; p < len; ++p) row_sum[p] += exp_vec(static_cast<acc_t>(row[p]) - row_max[p]);
+        if (smoothing) {
+          const acc_t w = ce_class_weight(cfg, c);
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) weighted_sum[p] += w * static_cast<acc_t>(row[p]);
+        }
+      }
+      const int64_t out = n * L.s + p0;
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
+        const acc_t lse = row_max[p] + std::log(row_sum[p]);
+        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : static_cast<acc_t>(base[t * L.logit_c + p]);
+        ce_pixel_loss(cfg, t, lse, z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
+        lse_out[out + p] = lse;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename target_t, typename acc_t>
+void forward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
+                    acc_t* loss, acc_t* denom, acc_t* lse_out) {
+  at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / L.s, p = i % L.s;
+      const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
+      const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
+      CeAccumulator<acc_t> acc;
+      for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.logit_c]), t);
+      ce_pixel_loss(cfg, t, acc.lse(), acc.target_logit, acc.weighted_logit_sum, &loss[i], &denom[i]);
+      lse_out[i] = acc.lse();
+    }
+  });
+}
+
+template <typename scalar_t, typename target_t, typename acc_t>
+void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+                     const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
+                     int64_t dn, int64_t dc) {
+  const int64_t blocks = (L.s + kBlock - 1) / kBlock;
+  at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock], pixel_lse[kBlock];
+    int64_t label[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
+      const int64_t len = std::min(kBlock, L.s - p0);
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
+        const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + (p0 + p) * gs]);
+        prob_scale[p] = k.prob_scale;
+        target_scale[p] = k.target_scale;
+        smooth_scale[p] = k.smooth_scale;
+        pixel_lse[p] = lse[n * L.s + p0 + p];
+        label[p] = t;
+      }
+      const scalar_t* base = logits + n * L.logit_n + p0;
+      scalar_t* out = grad + n * dn + p0;
+      for (int64_t c = 0; c < L.c; ++c) {
+        const scalar_t* row = base + c * L.logit_c;
+        scalar_t* out_row = out + c * dc;
+        const acc_t w = ce_class_weight(cfg, c);
+#pragma omp simd
+        for (int64_t p = 0; p < len; ++p) {
+          const acc_t prob = exp_vec(static_cast<acc_t>(row[p]) - pixel_lse[p]);
+          const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
+          out_row[p] = static_cast<scalar_t>(k.grad(prob, label[p] == c, w));
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename target_t, typename acc_t>
+void backward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+                     const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
+                     int64_t dn, int64_t dc, int64_t ds) {
+  at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / L.s, p = i % L.s;
+      const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
+      const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);
+      const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
+      scalar_t* out = grad + n * dn + p * ds;
+      for (int64_t c = 0; c < L.c; ++c) {
+        const acc_t prob = std::exp(static_cast<acc_t>(z[c * L.logit_c]) - lse[i]);
+        out[c * dc] = static_cast<scalar_t>(k.grad(prob, c == t, ce_class_weight(cfg, c)));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(const at::Tensor& logits,
+                                                                            const at::Tensor& target,
+                                                                            const c10::optional<at::Tensor>& weight,
+                                                                            int64_t ignore_index, double smoothing) {
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
+  const auto pixel_options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
+  const int64_t n = logits.size(0), s = logits.size(2);
+  at::Tensor loss = at::empty({n, s}, pixel_options), denom = at::empty({n, s}, pixel_options),
+             lse = at::empty({n, s}, pixel_options);
+  if (n * s == 0) return {loss, denom, lse};
+  const CeLayout L = ce_layout(logits, target);
+  FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cpu", [&] {
+    using logit_t = scalar_t;  // the nested dispatch below rebinds scalar_t to the label type
+    using acc = acc_t<logit_t>;
+    const auto cfg = make_config<acc>(weight, L.c, ignore_index, smoothing);
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_fwd_cpu_target", [&] {
+      using label_t = scalar_t;
+      const logit_t* z = logits.data_ptr<logit_t>();
+      const label_t* t = target.data_ptr<label_t>();
+      if (L.logit_s == 1 && L.s > 1) {  // (N, C) scores (S = 1) go per sample, over contiguous classes
+        forward_blocks(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+      } else {
+        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+      }
+    });
+  });
+  return {loss, denom, lse};
+}
+
+at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                         const at::Tensor& target, const at::Tensor& lse,
+                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                         double smoothing) {
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
+  check_ce_backward_args(grad_loss, logits, target, lse);
+  at::Tensor grad = at::empty_like(logits);  // keeps the logits' strides when they are dense
+  if (grad.numel() == 0) return grad;
+  const CeLayout L = ce_layout(logits, target);
+  FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_bwd_cpu", [&] {
+    using logit_t = scalar_t;
+    using acc = acc_t<logit_t>;
+    const auto cfg = make_config<acc>(weight, L.c, ignore_index, smoothing);
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_bwd_cpu_target", [&] {
+      using label_t = scalar_t;
+      const logit_t* z = logits.data_ptr<logit_t>();
+      const label_t* t = target.data_ptr<label_t>();
+      const acc* g = grad_loss.data_ptr<acc>();
+      if (L.logit_s == 1 && grad.stride(2) == 1 && L.s > 1) {
+        backward_blocks(L, z, t, lse.data_ptr<acc>(), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
+                        grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1));
+      } else {
+        backward_pixels(L, z, t, lse.data_ptr<acc>(), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
+                        grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1), grad.stride(2));
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcn_fast, CPU, m) {
+  m.impl("_softmax_cross_entropy_fwd", &softmax_cross_entropy_fwd_cpu);
+  m.impl("_softmax_cross_entropy_bwd", &softmax_cross_entropy_bwd_cpu);
+}
+
+}  // namespace fcn_fast

@@ -1,0 +1,129 @@
+// softmax_cross_entropy on CUDA: one thread per pixel, looping over the C classes with an online softmax
+// (softmax_ce.h). In NCHW the class axis is strided by H*W, so at each class step consecutive threads read consecutive
+// pixels: every load is coalesced, and each logit is read once in the forward and once in the backward.
+// Forward writes per pixel the loss, its "mean" denominator weight and the log-sum-exp (the one float backward
+// keeps); backward recomputes p = exp(z - lse) and writes the gradient.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
+#include "fcn_fast/softmax_ce.h"
+
+namespace fcn_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename acc_t>
+__device__ CeConfig<acc_t> device_config(const acc_t* weight, int64_t num_classes, int64_t ignore_index,
+                                         acc_t smoothing) {
+  // The weight sum only matters with smoothing; each thread sums C cached weights rather than syncing with the host.
+  const acc_t weight_sum = smoothing != acc_t(0) ? ce_weight_sum(weight, num_classes) : acc_t(num_classes);
+  return CeConfig<acc_t>{weight, weight_sum, smoothing, num_classes, ignore_index};
+}
+
+template <typename scalar_t, typename label_t, typename acc_t>
+__global__ void forward_kernel(CeLayout L, const scalar_t* __restrict__ logits, const label_t* __restrict__ target,
+                               const acc_t* __restrict__ weight, int64_t ignore_index, acc_t smoothing,
+                               acc_t* __restrict__ loss, acc_t* __restrict__ denom, acc_t* __restrict__ lse_out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= L.n * L.s) return;
+  const CeConfig<acc_t> cfg = device_config(weight, L.c, ignore_index, smoothing);
+  const int64_t n = i / L.s, p = i % L.s;
+  const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
+  const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
+  CeAccumulator<acc_t> acc;
+  for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.logit_c]), t);
+  const acc_t lse = acc.lse();
+  ce_pixel_loss(cfg, t, lse, acc.target_logit, acc.weighted_logit_sum, &loss[i], &denom[i]);
+  lse_out[i] = lse;
+}
+
+template <typename scalar_t, typename label_t, typename acc_t>
+__global__ void backward_kernel(CeLayout L, const scalar_t* __restrict__ logits, const label_t* __restrict__ target,
+                                const acc_t* __restrict__ lse, const acc_t* __restrict__ grad_loss, int64_t gn,
+                                int64_t gs, const acc_t* __restrict__ weight, int64_t ignore_index, acc_t smoothing,
+                                scalar_t* __restrict__ grad, int64_t dn, int64_t dc, int64_t ds) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= L.n * L.s) return;
+  const CeConfig<acc_t> cfg = device_config(weight, L.c, ignore_index, smoothing);
+  const int64_t n = i / L.s, p = i % L.s;
+  const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
+  const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);
+  const acc_t pixel_lse = lse[i];
+  const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
+  scalar_t* out = grad + n * dn + p * ds;
+  for (int64_t c = 0; c < L.c; ++c) {
+    const acc_t prob = ::exp(static_cast<acc_t>(z[c * L.logit_c]) - pixel_lse);
+    out[c * dc] = static_cast<scalar_t>(k.grad(prob, c == t, ce_class_weight(cfg, c)));
+  }
+}
+
+unsigned blocks_for(int64_t pixels) { return static_cast<unsigned>((pixels + kThreads - 1) / kThreads); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cuda(const at::Tensor& logits,
+                                                                             const at::Tensor& target,
+                                                                             const c10::optional<at::Tensor>& weight,
+                                                                             int64_t ignore_index, double smoothing) {
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto pixel_options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
+  const int64_t n = logits.size(0), s = logits.size(2);
+  at::Tensor loss = at::empty({n, s}, pixel_options), denom = at::empty({n, s}, pixel_options),
+             lse = at::empty({n, s}, pixel_options);
+  if (n * s == 0) return {loss, denom, lse};
+  const CeLayout L = ce_layout(logits, target);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cuda", [&] {
+    using logit_t = scalar_t;  // the nested dispatch below rebinds scalar_t to the label type
+    using acc = acc_t<logit_t>;
+    const acc* w = weight.has_value() ? weight->data_ptr<acc>() : nullptr;
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_fwd_cuda_target", [&] {
+      forward_kernel<logit_t, scalar_t, acc><<<blocks_for(n * s), kThreads, 0, stream>>>(
+          L, logits.data_ptr<logit_t>(), target.data_ptr<scalar_t>(), w, ignore_index, static_cast<acc>(smoothing),
+          loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {loss, denom, lse};
+}
+
+at::Tensor softmax_cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                          const at::Tensor& target, const at::Tensor& lse,
+                                          const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                          double smoothing) {
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CUDA);
+  check_ce_backward_args(grad_loss, logits, target, lse);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty_like(logits);  // keeps the logits' strides when they are dense
+  if (grad.numel() == 0) return grad;
+  const CeLayout L = ce_layout(logits, target);
+  const int64_t pixels = L.n * L.s;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_bwd_cuda", [&] {
+    using logit_t = scalar_t;
+    using acc = acc_t<logit_t>;
+    const acc* w = weight.has_value() ? weight->data_ptr<acc>() : nullptr;
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_bwd_cuda_target", [&] {
+      backward_kernel<logit_t, scalar_t, acc><<<blocks_for(pixels), kThreads, 0, stream>>>(
+          L, logits.data_ptr<logit_t>(), target.data_ptr<scalar_t>(), lse.data_ptr<acc>(), grad_loss.data_ptr<acc>(),
+          grad_loss.stride(0), grad_loss.stride(1), w, ignore_index, static_cast<acc>(smoothing),
+          grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1), grad.stride(2));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcn_fast, CUDA, m) {
+  m.impl("_softmax_cross_entropy_fwd", &softmax_cross_entropy_fwd_cuda);
+  m.impl("_softmax_cross_entropy_bwd", &softmax_cross_entropy_bwd_cuda);
+}
+
+}  // namespace fcn_fast

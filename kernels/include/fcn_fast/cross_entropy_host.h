@@ -1,0 +1,53 @@
+// Host-side pieces of the softmax cross-entropy kernels shared by the CPU and CUDA sources: the (N, C, S) layout
+// every kernel reads and the argument guards behind the Python front end (see common.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "fcn_fast/common.h"
+
+namespace fcn_fast {
+
+// Sizes and element strides of logits (N, C, S) and target (N, S); any strides, read in place.
+struct CeLayout {
+  int64_t n, c, s;
+  int64_t logit_n, logit_c, logit_s;
+  int64_t target_n, target_s;
+};
+
+inline CeLayout ce_layout(const at::Tensor& logits, const at::Tensor& target) {
+  return CeLayout{logits.size(0),   logits.size(1),   logits.size(2),   logits.stride(0),
+                  logits.stride(1), logits.stride(2), target.stride(0), target.stride(1)};
+}
+
+// Per-pixel outputs, weights, lse and incoming gradients are float32 (float64 for float64 logits).
+inline at::ScalarType ce_acc_type(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& target,
+                                 const c10::optional<at::Tensor>& weight, c10::DeviceType device) {
+  TORCH_CHECK(logits.device().type() == device && target.device() == logits.device(),
+              "logits and target must be ", device, " tensors on one device");
+  TORCH_CHECK(logits.dim() == 3, "logits must be (N, C, S), got ", logits.sizes());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2),
+              "target must be (N, S) matching logits ", logits.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), "target must be an integer tensor");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
+                    weight->device() == logits.device() && weight->scalar_type() == ce_acc_type(logits.scalar_type()),
+                "weight must be a contiguous (C,) tensor of the accumulate dtype on the logits' device");
+  }
+}
+
+// lse (N, S) contiguous and grad_loss (N, S) with any strides (0 for an expanded scalar), both of the accumulate dtype.
+inline void check_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& lse) {
+  const auto acc = ce_acc_type(logits.scalar_type());
+  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc &&
+                  lse.device() == logits.device(),
+              "lse must be a contiguous (N, S) tensor of the accumulate dtype on the logits' device");
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == target.size(0) && grad_loss.size(1) == target.size(1) &&
+                  grad_loss.scalar_type() == acc && grad_loss.device() == logits.device(),
+              "grad_loss must be (N, S) (strides may be 0) of the accumulate dtype on the logits' device");
+}
+
+}  // namespace fcn_fast
