@@ -60,6 +60,21 @@ TORCH_LIBRARY(fcn_fast, m) {
       "int ignore_index, float label_smoothing) -> Tensor");
 
   // upsample_cross_entropy / upsample_argmax kernels (issue 4).
+  // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
+  // (loss, denom_weight, lse), each (N, H, W) in the accumulate dtype; weight is (C,) in that dtype.
+  m.def(
+      "_upsample_cross_entropy_fwd(Tensor coarse, Tensor target, Tensor? weight, Tensor row_index, "
+      "Tensor row_weight, Tensor col_index, Tensor col_weight, int ignore_index, float label_smoothing) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_coarse from the gradient of each pixel's loss (a scalar for every pixel, or (N, H, W)) and the saved lse.
+  m.def(
+      "_upsample_cross_entropy_bwd(Tensor grad_pixel, Tensor coarse, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor row_index, Tensor row_weight, Tensor row_readers, Tensor col_index, Tensor col_weight, "
+      "Tensor col_readers, int ignore_index, float label_smoothing) -> Tensor");
+  // Per-pixel argmax over classes of crop(bilinear(coarse)); dtype int64 or uint8.
+  m.def(
+      "_upsample_argmax(Tensor coarse, Tensor row_index, Tensor row_weight, Tensor col_index, Tensor col_weight, "
+      "ScalarType dtype) -> Tensor");
 }
 
 }  // namespace fcn_fast

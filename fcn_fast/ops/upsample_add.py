@@ -18,28 +18,30 @@ from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsampl
 OP = "upsample_add"
 
 
-def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners) -> Geometry:
-    factor = check_int(OP, "factor", factor, minimum=1)
+def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners, op: str = OP) -> Geometry:
+    """The Geometry of upsampling x, or a ValueError/TypeError naming ``op`` (upsample_cross_entropy and
+    upsample_argmax check their geometry here too)."""
+    factor = check_int(op, "factor", factor, minimum=1)
     if mode not in MODES:
-        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    offset = check_pair(OP, "offset", offset, minimum=0)
+    offset = check_pair(op, "offset", offset, minimum=0)
     if mode == "deconv":
         full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
         if out_size is None:
             out = (full[0] - offset[0], full[1] - offset[1])
         else:
-            out = check_pair(OP, "out_size", out_size, minimum=1)
+            out = check_pair(op, "out_size", out_size, minimum=1)
         if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
             raise ValueError(
-                f"{OP}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
+                f"{op}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
                 f"(input {h}x{w}, factor {factor})")
     else:
         if offset != (0, 0):
-            raise ValueError(f"{OP}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
-        out = (h * factor, w * factor) if out_size is None else check_pair(OP, "out_size", out_size, minimum=1)
+            raise ValueError(f"{op}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
+        out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
     if mode == "deconv" and align_corners:
-        raise ValueError(f"{OP}: align_corners applies to mode='interp' only")
+        raise ValueError(f"{op}: align_corners applies to mode='interp' only")
     return Geometry(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
 
 
