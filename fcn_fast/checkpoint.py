@@ -1,0 +1,79 @@
+"""Checkpoints: written atomically (temporary file + rename, so a killed run never leaves a corrupt one), read back
+with every mistake reported as a UserError naming the file.
+
+A checkpoint is a dict: ``format``, ``model`` (name, num_classes, build options), ``class_names``, ``input_transform``,
+``state_dict``, and for training checkpoints ``train`` (optimizer, scaler, step, epoch, history, RNG states, config).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from fcn_fast.errors import UserError
+
+FORMAT = "fcn_fast.checkpoint/1"
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to ``path`` through a temporary file in the same folder, flushed to disk, then renamed over it:
+    readers see the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_spec(name: str, num_classes: int, options: Dict[str, Any]) -> Dict[str, Any]:
+    return {"name": name, "num_classes": int(num_classes), "options": dict(options)}
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not an fcn_fast checkpoint (written by fcn-fast train)")
+    return ckpt
+
+
+def build_model(spec: Dict[str, Any], *, override: Optional[Dict[str, Any]] = None, path: str = ""):
+    """The model a spec describes (untrained), with ``override`` build options (e.g. ``fused``)."""
+    from fcn_fast import models
+
+    options = dict(spec["options"])
+    options.update(override or {})
+    try:
+        return models.build(spec["name"], num_classes=spec["num_classes"], **options)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path or 'model'}: {exc}") from None
+
+
+def model_from_checkpoint(path: str, *, device="cpu", override: Optional[Dict[str, Any]] = None,
+                          expect: Optional[str] = None):
+    """(model with the checkpoint's weights, in eval mode, on ``device``; the checkpoint dict). ``expect``: the model
+    name the caller needs, to refuse a checkpoint of another model with a clear message."""
+    ckpt = load_checkpoint(path)
+    spec = ckpt["model"]
+    if expect is not None and spec["name"] != expect:
+        raise UserError(f"checkpoint {path} holds a {spec['name']} model, not {expect}")
+    model = build_model(spec, override=override, path=path)
+    model.input_transform = ckpt.get("input_transform", model.input_transform)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit a {spec['name']} model: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt
