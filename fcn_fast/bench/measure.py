@@ -146,6 +146,8 @@ def _relative_error(out: torch.Tensor, gold: torch.Tensor) -> float:
 def compare(outs: Sequence[Optional[torch.Tensor]], golds: Sequence[Optional[torch.Tensor]], dtype: str,
             labels: bool) -> Dict[str, object]:
     """Worst error over the outputs and gradients of a provider against the float64 eager result, and the verdict."""
+    if len(outs) != len(golds):
+        return {"ok": False, "error": f"{len(outs)} outputs and gradients, the reference has {len(golds)}"}
     worst = 0.0
     for out, gold in zip(outs, golds):
         if gold is None:
