@@ -118,6 +118,29 @@ def env_lines(doc: dict) -> List[str]:
     ]
 
 
+def summary(doc: dict) -> List[str]:
+    """One line per (op, case, dtype, mode): the fastest fcn_fast backend against eager and compile, time and memory."""
+    groups: Dict[tuple, Dict[str, dict]] = {}
+    for r in doc["rows"]:
+        if r["status"] == "ok":
+            groups.setdefault((r["op"], r["case"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    lines = ["| op | case | dtype | mode | fcn_fast ms | eager ms | compile ms | × eager | × compile "
+             "| peak MiB fcn_fast / eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (op, case, dtype, mode), g in groups.items():
+        fused = [r for p, r in g.items() if p.startswith("fcn_fast:")]
+        if not fused or "eager" not in g:
+            continue
+        best = min(fused, key=lambda r: r["median_ms"])
+        eager, comp = g["eager"], g.get("compile")
+        lines.append(
+            f"| {op} | {case} | {dtype} | {mode} | {best['median_ms']:.3f} ({best['provider'][9:]}) "
+            f"| {eager['median_ms']:.3f} | {_f(comp and comp['median_ms'], '.3f')} "
+            f"| **{eager['median_ms'] / best['median_ms']:.2f}** "
+            f"| {_f(comp and comp['median_ms'] / best['median_ms'], '.2f')} "
+            f"| {best['peak_bytes'] / 2**20:.1f} / {eager['peak_bytes'] / 2**20:.1f} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     rows, bw = doc["rows"], (doc.get("copy_bandwidth") or {}).get("gbps")
     out = [f"# fcn_fast benchmark: {doc['env']['device_name']}", ""] + env_lines(doc) + [
@@ -126,7 +149,8 @@ def markdown(doc: dict) -> str:
         "torch.compile in the same run, achieved GB/s (the fewest bytes the op must move over the median time; "
         "formulas in the JSON and docs/benchmarks.md), that as % of the measured copy bandwidth, and the peak "
         "memory the call allocates above its inputs. Every provider passed the correctness check against the "
-        "float64 eager result before it was timed; failed or skipped providers are listed with the reason.", ""]
+        "float64 eager result before it was timed; failed or skipped providers are listed with the reason.", "",
+        "## Summary: the fastest fcn_fast backend", ""] + summary(doc) + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
         model = op == "fcn8s"
