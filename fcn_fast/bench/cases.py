@@ -67,6 +67,7 @@ class Provider:
     infer_fn: Optional[Callable[[dict], torch.Tensor]] = None
     params: List[torch.Tensor] = field(default_factory=list)
     compile_s: Optional[float] = None
+    backward_fn: Optional[Callable[[dict], torch.Tensor]] = None  # fn for the backward-only mode, if it differs
 
 
 def _numel(*dims: int) -> int:

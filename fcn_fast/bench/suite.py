@@ -3,6 +3,7 @@ each mode across the providers back to back, in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -34,9 +35,20 @@ def _build(op: OpBench, case: Case, name: str, device, dtype, eager: Provider) -
         return op.fused(case.shape, device, dtype, name.split(":", 1)[1])
     # dynamic=False: one static graph per shape, as a user compiling a fixed-size net gets.
     mode = None if name == "compile" else name[len("compile-"):]
+
+    def retained(inp):  # its own code object, so dynamo caches its graph apart from eager.fn's
+        return eager.fn(inp)
+
     return Provider(name, torch.compile(eager.fn, dynamic=False, mode=mode),
                     infer_fn=torch.compile(eager.infer_fn, dynamic=False, mode=mode) if eager.infer_fn else None,
-                    params=eager.params)
+                    params=eager.params, backward_fn=torch.compile(retained, dynamic=False, mode=mode))
+
+
+def _without_donated_buffers():
+    """AOTAutograd's donated buffers (torch >= 2.6) forbid retain_graph, which the backward-only mode needs to
+    call backward repeatedly on one graph; the graph timed in that mode is compiled without them."""
+    config = torch._functorch.config
+    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
 
 
 def _differentiable(op: OpBench, inputs: dict, provider: Provider) -> List[torch.Tensor]:
@@ -57,7 +69,11 @@ def _mode_callable(op: OpBench, provider: Provider, mode: str, inputs: dict, fro
     wrt = _differentiable(op, inputs, provider)
     if mode == "forward":
         return lambda: provider.fn(inputs)
-    out = provider.fn(inputs)
+    if mode == "backward":
+        with _without_donated_buffers():
+            out = (provider.backward_fn or provider.fn)(inputs)
+    else:
+        out = provider.fn(inputs)
     # A fixed random upstream gradient: ones would let a kernel skip the multiply; scalar losses get 1.
     grad = torch.randn_like(out) if out.numel() > 1 else torch.ones_like(out)
     if mode == "backward":
@@ -168,6 +184,7 @@ class Suite:
                     peak = measure.peak_memory(fn, device)
                 except Exception as exc:
                     self._row(case, mode, name, status="failed", reason=f"{type(exc).__name__}: {exc}"[:300])
+                    self.log(f"  {mode:9s} {name:24s} failed: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 del fn
                 seconds = timing["median_ms"] * 1e-3
