@@ -43,6 +43,7 @@ def test_quick_run_writes_results(quick_run):
         assert r["bytes"] > 0 and r["gbps"] > 0 and r["bytes_formula"]
         assert r["peak_bytes"] > 0  # eager allocates at least its output
     for r in rows:  # every row is either measured after passing its check, or says why not
+        assert r["device_name"] == env["device_name"] and r["torch"] == torch.__version__
         assert r["status"] in ("ok", "failed", "skipped")
         assert r["status"] == "ok" or r["reason"]
     md = (quick_run / "q.md").read_text()

@@ -81,9 +81,15 @@ def default_stem(env: dict, quick: bool) -> str:
     return f"{env['device_type']}_{name}{threads}" + ("_quick" if quick else "")
 
 
+ROW_ENV = ("device_name", "torch", "triton", "cuda", "cpu_threads", "date_utc", "git_commit")
+
+
 def write_json(path: Path, env: dict, copy_bw: dict, rows: List[dict], argv: Sequence[str], elapsed_s: float) -> None:
+    """The run's file; each row also carries the device, versions, date and commit, so that rows of several runs
+    can be pooled and still tell where they came from (Liger-Kernel's benchmark rows do the same)."""
+    stamp = {k: env.get(k) for k in ROW_ENV}
     doc = {"schema": SCHEMA, "env": env, "copy_bandwidth": copy_bw, "argv": list(argv), "elapsed_s": elapsed_s,
-           "rows": rows}
+           "rows": [{**r, **stamp} for r in rows]}
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
