@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-// GCC keeps the NaN-preserving selects of exp_vec as branches (a compare may raise an FP exception flag nobody here
+// GCC keeps the NaN-preserving selects of vector_exp as branches (a compare may raise an FP exception flag nobody here
 // reads) unless told that FP traps do not matter (set before our headers, whose
 // helpers inline into those loops); only then do the exp loops vectorize (about 3x faster).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -30,42 +30,18 @@
 #include "fcn_fast/common.h"
 #include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/softmax_ce.h"
+#include "fcn_fast/vector_exp.h"
 
 namespace fcn_fast {
 namespace {
 
 constexpr int64_t kBlock = 128;  // pixels per task on the contiguous path
 
-// exp(x) for float that GCC vectorizes (std::exp is a libm call per lane): Cephes' range reduction and degree-6
-// polynomial, about 2 ulp. Only ever called with x <= ~0 (z - max, z - lse): below -87 it returns 0 (a softmax term
-// under 1e-38 of the largest one), above 88 +inf; NaN stays NaN, so NaN logits propagate as in PyTorch.
-inline float exp_vec(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // comparisons are false for NaN: it passes
-  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer n in the
-  const float n = shifted - 12582912.0f;                          // low mantissa bits, no float->int conversion
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;    // x - n ln2 in two parts
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  const int32_t scale_bits = (bits - 0x4B400000 + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  const float value = y * scale;
-  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : value);
-}
-inline double exp_vec(double x) { return std::exp(x); }
-
 template <typename acc_t>
 CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num_classes, int64_t ignore_index,
                             double smoothing) {
-  const acc_t* w = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
-  return CeConfig<acc_t>{w, ce_weight_sum(w, num_classes), static_cast<acc_t>(smoothing), num_classes, ignore_index};
+  return make_ce_config<acc_t>(weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, num_classes, ignore_index,
+                               static_cast<acc_t>(smoothing));
 }
 
 template <typename scalar_t, typename target_t, typename acc_t>
@@ -99,7 +75,7 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
       for (int64_t c = 0; c < L.c; ++c) {
         const acc_t* z = block.data() + c * kBlock;
 #pragma omp simd
-        for (int64_t p = 0; p < len; ++p) row_sum[p] += exp_vec(z[p] - row_max[p]);
+        for (int64_t p = 0; p < len; ++p) row_sum[p] += vector_exp(z[p] - row_max[p]);
         if (smoothing) {
           const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
@@ -162,7 +138,7 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
         const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) {
-          const acc_t prob = exp_vec(static_cast<acc_t>(row[p]) - pixel_lse[p]);
+          const acc_t prob = vector_exp(static_cast<acc_t>(row[p]) - pixel_lse[p]);
           const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
           out_row[p] = static_cast<scalar_t>(k.grad(prob, label[p] == c, w));
         }

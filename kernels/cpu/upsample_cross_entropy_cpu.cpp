@@ -33,6 +33,7 @@
 #include "fcn_fast/common.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
+#include "fcn_fast/vector_exp.h"
 
 namespace fcn_fast {
 namespace {
@@ -59,33 +60,6 @@ inline void interpolate_row(const scalar_t* plane, const UpsampleTaps<acc>& taps
     z[ox] = static_cast<acc>(static_cast<scalar_t>(v));
   }
 }
-
-// exp for the row loops: branch-free so the compiler vectorizes the loops that call it (std::exp is a library call
-// it will not vectorize without -ffast-math). float: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
-// within 2 ulp); exp(-inf) = 0 and NaN stays NaN, as the cross-entropy needs. double keeps std::exp.
-inline float vector_exp(float x) {
-  const float clamped = std::min(std::max(x, -87.33654f), 88.37626f);
-  // Round to nearest with the 1.5 * 2^23 trick (exact without -ffast-math, which this file is not built with).
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
-  result = x < -87.33654f ? 0.0f : result;
-  result = x > 88.37626f ? std::numeric_limits<float>::infinity() : result;
-  return x != x ? x : result;
-}
-inline double vector_exp(double x) { return std::exp(x); }
 
 template <typename scalar_t, typename label_t>
 void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeConfig<acc_t<scalar_t>>& cfg,

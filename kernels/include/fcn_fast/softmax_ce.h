@@ -87,6 +87,13 @@ FCN_HD acc_t ce_weight_sum(const acc_t* class_weight, int64_t num_classes) {
   return total;
 }
 
+template <typename acc_t>
+FCN_HD CeConfig<acc_t> make_ce_config(const acc_t* class_weight, int64_t num_classes, int64_t ignore_index,
+                                      acc_t smoothing) {
+  return CeConfig<acc_t>{class_weight, ce_weight_sum(class_weight, num_classes), smoothing, num_classes,
+                         ignore_index};
+}
+
 // The gradient of one pixel, factored so that a kernel computes the per-pixel part once and then spends one exp and
 // a multiply-add per class:  g * dloss/dz_c = p_c * prob_scale - [c == t] * target_scale - w_c * smooth_scale.
 template <typename acc_t>

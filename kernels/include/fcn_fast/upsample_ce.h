@@ -31,22 +31,6 @@ UpsampleTaps<acc_t> make_upsample_taps(const at::Tensor& coarse, const at::Tenso
                              row_index.size(0),           col_index.size(0)};
 }
 
-// Class weights sum (the label-smoothing term needs it); C when there are no weights.
-template <typename acc_t>
-FCN_HD acc_t ce_weight_sum(const acc_t* class_weight, int64_t num_classes) {
-  if (class_weight == nullptr) return acc_t(num_classes);
-  acc_t sum = 0;
-  for (int64_t c = 0; c < num_classes; ++c) sum += class_weight[c];
-  return sum;
-}
-
-template <typename acc_t>
-FCN_HD CeConfig<acc_t> make_ce_config(const acc_t* class_weight, int64_t num_classes, int64_t ignore_index,
-                                      acc_t smoothing) {
-  return CeConfig<acc_t>{class_weight, ce_weight_sum(class_weight, num_classes), smoothing, num_classes,
-                         ignore_index};
-}
-
 inline at::ScalarType upsample_acc_type(const at::Tensor& coarse) {
   return coarse.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
