@@ -24,7 +24,7 @@ from fcn_fast.runlog import plot_scores, write_json, write_text
 
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
 # (train images, val images, image size, steps per stage)
-FULL = dict(train=400, val=100, size=96, steps=(2000, 1500, 5000))
+FULL = dict(train=400, val=100, size=96, steps=(1500, 1000, 7000))
 FAST = dict(train=24, val=8, size=64, steps=(30, 20, 30))
 
 
