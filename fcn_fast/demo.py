@@ -24,7 +24,7 @@ from fcn_fast.runlog import plot_scores, write_json, write_text
 
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
 # (train images, val images, image size, steps per stage)
-FULL = dict(train=400, val=100, size=96, steps=(1500, 1000, 1500))
+FULL = dict(train=400, val=100, size=96, steps=(1500, 1000, 7000))
 FAST = dict(train=24, val=8, size=64, steps=(30, 20, 30))
 
 
@@ -76,7 +76,7 @@ def run_demo(out: str, *, fast: bool = False, device: str = "auto", seed: int = 
     for stage, steps in zip(STAGES, plan["steps"]):
         cfg = TrainConfig(out=os.path.join(out, stage), data=data, model=stage, width=1 / 16, geometry="same",
                           dropout=0.0, optimizer="adamw", lr=2e-3, weight_decay=1e-4, loss_reduction="mean",
-                          schedule="cosine", batch_size=4, steps=steps, epochs=1, eval_every=0, init_from=previous,
+                          schedule="cosine", warmup=min(50, steps // 10), batch_size=4, steps=steps, epochs=1, eval_every=0, init_from=previous,
                           device=device, seed=seed, threads=threads, progress=progress, log_every=25)
         summary = train(cfg)
         final = summary["final"]
