@@ -6,7 +6,7 @@
     fcn-fast bench list [--quick] [--device ...]                          (the cases a run would measure)
 
 A run writes <out>/<stem>.json (rows + environment), <stem>.md (tables) and <stem>_<op>.png (speed-up charts).
-See docs/benchmarks.md for what is measured and how.
+See the README, "Benchmarks", for what is measured and how.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     from fcn_fast.bench.cases import DTYPES, MODES, OPS
 
     p = argparse.ArgumentParser(prog=prog, description="Benchmark fcn_fast's ops against eager PyTorch and "
-                                "torch.compile (docs/benchmarks.md).")
+                                "torch.compile (README, Benchmarks).")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, fp32, forward and forward+backward, no torch.compile: a smoke run (<1 min on CPU)")

@@ -6,7 +6,7 @@
     loss = fcn_fast.nn.UpsampleCrossEntropyLoss()(out, target)  # final x8 + crop fused into the loss
     logits = model(x); labels = model.predict(x)
 
-See docs/models.md.
+See the README, "Models: the FCN family".
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ fcn_fast/ops/triton_common.py.
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
 both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
 recomputes the probabilities from it. Writing the gradient during the forward pass instead (Liger-Kernel) measured
-no faster on CPU and holds a logits-sized buffer from the forward on (docs/cross_entropy.md).
+no faster on CPU and holds a logits-sized buffer from the forward on (README, "Softmax cross-entropy").
 """
 
 from __future__ import annotations
