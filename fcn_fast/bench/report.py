@@ -153,7 +153,7 @@ def markdown(doc: dict) -> str:
         "",
         "Median time of one call (20th–80th percentile), speed-up over the eager PyTorch composition and over its "
         "torch.compile in the same run, achieved GB/s (the fewest bytes the op must move over the median time; "
-        "formulas in the JSON and the README, "Benchmarks"), that as % of the measured copy bandwidth, and the peak "
+        "formulas in the JSON and the README's Benchmarks section), that as % of the measured copy bandwidth, and the peak "
         "memory the call allocates above its inputs. Every provider passed the correctness check against the "
         "float64 eager result before it was timed; failed or skipped providers are listed with the reason.", "",
         "## Summary: the fastest fcn_fast backend", ""] + summary(doc) + [""]
