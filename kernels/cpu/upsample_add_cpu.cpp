@@ -1,12 +1,8 @@
 // upsample_add on the CPU: out = bilinear(x) (tap tables, see bilinear.h) + skip_scale * crop(skip), and its backward.
 //
-// The bilinear map is separable and each output row reads only two input rows, so the forward pass first resamples
-// an input row along W into an acc_t buffer ("column pass", the only gathering loop) and then blends two such
-// buffers per output row with the skip row: contiguous, vectorisable loops. Input rows are used by consecutive
-// output rows (the tables are monotone), so a two-slot cache computes each resampled input row once per plane.
-// The backward pass runs the adjoint in the opposite order: for each input row, the weighted sum of the output
-// gradient rows that read it (contiguous), then a gather over the readers range of each input column. Every sum has
-// a fixed order: the result is bitwise reproducible.
+// The separable map and its adjoint are resample_cpu.h's (column pass first with a two-slot cache of resampled input
+// rows; the adjoint rows first, then a gather per input column); here each output row also adds its skip row, in one
+// contiguous loop. Every sum has a fixed order: the result is bitwise reproducible.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "fcn_fast/bilinear.h"
+#include "fcn_fast/resample_cpu.h"
 #include "fcn_fast/upsample_add.h"
 
 namespace fcn_fast {
@@ -25,70 +21,6 @@ constexpr int64_t kMinChunkElements = 1 << 15;
 
 int64_t grain_rows(int64_t row_elements) {
   return std::max<int64_t>(1, kMinChunkElements / std::max<int64_t>(1, row_elements));
-}
-
-// One axis of the tap tables split into separate arrays (the interleaved (out, 2) layout defeats vectorisation).
-template <typename acc_t>
-struct Taps {
-  std::vector<int32_t> i0, i1;
-  std::vector<acc_t> w0, w1;
-};
-
-template <typename acc_t>
-Taps<acc_t> split_taps(const at::Tensor& index, const at::Tensor& weight, int64_t in_size, const char* axis) {
-  const int64_t n = index.size(0);
-  const int32_t* idx = index.data_ptr<int32_t>();
-  const acc_t* w = weight.data_ptr<acc_t>();
-  Taps<acc_t> taps;
-  taps.i0.resize(n);
-  taps.i1.resize(n);
-  taps.w0.resize(n);
-  taps.w1.resize(n);
-  for (int64_t o = 0; o < n; ++o) {
-    TORCH_CHECK(idx[2 * o] >= 0 && idx[2 * o] < in_size && idx[2 * o + 1] >= 0 && idx[2 * o + 1] < in_size, axis,
-                "_index[", o, "] = (", idx[2 * o], ", ", idx[2 * o + 1], ") is outside the input size ", in_size);
-    taps.i0[o] = idx[2 * o];
-    taps.i1[o] = idx[2 * o + 1];
-    taps.w0[o] = w[2 * o];
-    taps.w1[o] = w[2 * o + 1];
-  }
-  return taps;
-}
-
-// The adjoint of one axis: for input position i, the weights of the outputs [start[i], stop[i]) that read it, stored
-// from weight[offset[i]] on (tap_weight of bilinear.h, so the same arithmetic as every other backend).
-template <typename acc_t>
-struct Readers {
-  std::vector<int32_t> start, stop;
-  std::vector<int64_t> offset;
-  std::vector<acc_t> weight;
-};
-
-template <typename acc_t>
-Readers<acc_t> transpose_taps(const at::Tensor& index, const at::Tensor& weight, const at::Tensor& readers,
-                              int64_t in_size, const char* axis) {
-  const int64_t out_size = index.size(0);
-  const int32_t* idx = index.data_ptr<int32_t>();
-  const acc_t* w = weight.data_ptr<acc_t>();
-  const int32_t* rd = readers.data_ptr<int32_t>();
-  Readers<acc_t> r;
-  r.start.resize(in_size);
-  r.stop.resize(in_size);
-  r.offset.resize(in_size + 1);
-  r.offset[0] = 0;
-  for (int64_t i = 0; i < in_size; ++i) {
-    const int32_t start = rd[2 * i], stop = rd[2 * i + 1];
-    TORCH_CHECK(0 <= start && start <= stop && stop <= out_size, axis, "_readers[", i, "] = [", start, ", ", stop,
-                ") is not a range inside the output size ", out_size);
-    r.start[i] = start;
-    r.stop[i] = stop;
-    r.offset[i + 1] = r.offset[i] + (stop - start);
-  }
-  r.weight.resize(r.offset[in_size]);
-  for (int64_t i = 0; i < in_size; ++i) {
-    for (int64_t o = r.start[i]; o < r.stop[i]; ++o) r.weight[r.offset[i] + o - r.start[i]] = tap_weight(idx, w, o, i);
-  }
-  return r;
 }
 
 template <typename scalar_t>
@@ -105,49 +37,23 @@ void forward_kernel(const at::Tensor& x, const scalar_t* skip, int64_t skip_h, i
   const acc scale = static_cast<acc>(skip_scale);
 
   at::parallel_for(0, planes * out_h, grain_rows(out_w), [&](int64_t begin, int64_t end) {
-    // Two resampled input rows of the current plane, and which input row each slot holds (-1: none).
     std::vector<acc> buffer(2 * out_w);
-    acc* slot_data[2] = {buffer.data(), buffer.data() + out_w};
-    int64_t slot_row[2] = {-1, -1};
-    int64_t current_plane = -1;
-    const int32_t* cx0 = cols.i0.data();
-    const int32_t* cx1 = cols.i1.data();
-    const acc* cw0 = cols.w0.data();
-    const acc* cw1 = cols.w1.data();
-
-    // The resampled input row y, computed into the slot that does not hold `keep` unless it is already there.
-    auto resampled = [&](const scalar_t* plane, int64_t y, int64_t keep) -> const acc* {
-      if (slot_row[0] == y) return slot_data[0];
-      if (slot_row[1] == y) return slot_data[1];
-      const int s = slot_row[0] == keep ? 1 : 0;
-      const scalar_t* in_row = plane + y * in_w;
-      acc* dst = slot_data[s];
-      for (int64_t ox = 0; ox < out_w; ++ox) {
-        dst[ox] = cw0[ox] * static_cast<acc>(in_row[cx0[ox]]) + cw1[ox] * static_cast<acc>(in_row[cx1[ox]]);
-      }
-      slot_row[s] = y;
-      return dst;
-    };
-
+    ResampledRows<scalar_t, acc> resampled(cols, in_w, in_h * in_w, 1, buffer.data());
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / out_h, oy = r - plane * out_h;
-      if (plane != current_plane) {
-        current_plane = plane;
-        slot_row[0] = slot_row[1] = -1;
-      }
       const scalar_t* x_plane = x_data + plane * in_h * in_w;
       const int64_t y0 = rows.i0[oy], y1 = rows.i1[oy];
       const acc wy0 = rows.w0[oy], wy1 = rows.w1[oy];
-      const acc* h0 = resampled(x_plane, y0, y1);
-      const acc* h1 = resampled(x_plane, y1, y0);
+      const acc* h0 = resampled.row(x_plane, plane, y0, y1);
+      const acc* h1 = resampled.row(x_plane, plane, y1, y0);
       scalar_t* out_row = out_data + r * out_w;
       if (skip != nullptr) {
         const scalar_t* skip_row = skip + (plane * skip_h + skip_y + oy) * skip_w + skip_x;
         for (int64_t ox = 0; ox < out_w; ++ox) {
-          out_row[ox] = static_cast<scalar_t>(wy0 * h0[ox] + wy1 * h1[ox] + scale * static_cast<acc>(skip_row[ox]));
+          out_row[ox] = static_cast<scalar_t>(blend_rows(wy0, h0[ox], wy1, h1[ox]) + scale * static_cast<acc>(skip_row[ox]));
         }
       } else {
-        for (int64_t ox = 0; ox < out_w; ++ox) out_row[ox] = static_cast<scalar_t>(wy0 * h0[ox] + wy1 * h1[ox]);
+        for (int64_t ox = 0; ox < out_w; ++ox) out_row[ox] = static_cast<scalar_t>(blend_rows(wy0, h0[ox], wy1, h1[ox]));
       }
     }
   });
@@ -185,16 +91,7 @@ void grad_x_kernel(const at::Tensor& grad, const Readers<acc_t<scalar_t>>& rows,
           for (int64_t ox = 0; ox < out_w; ++ox) v[ox] += w * static_cast<acc>(g_row[ox]);
         }
       }
-      // Columns pass: gather the outputs of each input column's readers range.
-      scalar_t* gx_row = gx + r * in_w;
-      for (int64_t ix = 0; ix < in_w; ++ix) {
-        const int64_t ox_begin = cols.start[ix], count = cols.stop[ix] - ox_begin;
-        const acc* wx = cols.weight.data() + cols.offset[ix];
-        const acc* vx = v + ox_begin;
-        acc sum = 0;
-        for (int64_t k = 0; k < count; ++k) sum += wx[k] * vx[k];
-        gx_row[ix] = static_cast<scalar_t>(sum);
-      }
+      fold_columns(cols, v, in_w, gx + r * in_w);
     }
   });
 }

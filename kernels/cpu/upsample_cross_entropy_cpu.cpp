@@ -1,14 +1,17 @@
 // upsample_cross_entropy and upsample_argmax on the CPU (ATen's OpenMP thread pool).
 //
-// Forward works one output row at a time: the C logit rows of that output row are interpolated into a small
-// per-thread buffer (rows of the coarse plane first, then columns; separable, so 2 + 2 multiply-adds per logit),
-// then each pixel runs the shared per-pixel cross-entropy (softmax_ce.h). Nothing of size N*C*H*W exists.
+// Forward works one output row at a time: the C logit rows of that output row are blended from two coarse rows
+// resampled along W (resample_cpu.h: each coarse row is resampled once for the ~factor output rows that read it),
+// into a per-thread buffer, then each pixel runs the shared per-pixel cross-entropy (softmax_ce.h). Nothing of size
+// N*C*H*W exists: the scratch is C rows of the output width per thread.
 //
 // Backward: each task owns a band of coarse rows of one image and walks the output rows that read them, recomputing
 // each logit row exactly as forward did (same arithmetic, so exp(z - lse) is the softmax forward saw), turning it
-// into dloss/dz and folding it into the band's coarse rows through the transposed taps. A task adds only into rows
-// it owns and walks them in a fixed order: no atomics, bitwise deterministic. Output rows on a band border are
-// recomputed by both neighbouring bands; bands are sized so that costs a few percent.
+// into dloss/dz and adding it, weighted, into a full-width row buffer per owned coarse row (the rows half of the
+// adjoint); when the band is done each buffer row is folded over the column readers into grad_coarse. A task adds
+// only into rows it owns and walks them in a fixed order: no atomics, bitwise deterministic (and independent of the
+// thread count). Output rows on a band border are recomputed by both neighbouring bands; bands are sized so that
+// costs a few percent.
 
 // The selects in vector_exp and the masked gradient are compares of floats, which GCC will not turn into vector blends
 // while it must preserve floating-point exception flags (-ftrapping-math, its default). Nothing here reads those
@@ -29,8 +32,8 @@
 #include <tuple>
 #include <vector>
 
-#include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
+#include "fcn_fast/resample_cpu.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
 #include "fcn_fast/vector_exp.h"
@@ -40,65 +43,84 @@ namespace {
 
 #define FCN_DISPATCH_LABELS(TYPE, ...) AT_DISPATCH_INTEGRAL_TYPES(TYPE, "labels", __VA_ARGS__)
 
-// The logits of output row oy for one class plane, as upsample_add produces them (rounded to scalar_t):
-// coarse_row is per-thread scratch of in_w, z receives out_w values.
+// Rows that share resampled coarse rows should stay on one thread: about this many per parallel chunk.
+constexpr int64_t kRowsPerChunk = 8;
+// The backward's per-thread row-adjoint buffer of a band of coarse rows (C x rows x out_w) stays under this.
+constexpr int64_t kBandBufferBytes = int64_t(4) << 20;
+
+// The logits of one output row for every class, rounded to scalar_t as upsample_add returns them: z[c * out_w + ox].
 template <typename scalar_t, typename acc>
-inline void interpolate_row(const scalar_t* plane, const UpsampleTaps<acc>& taps, int64_t oy, acc* coarse_row, acc* z) {
-  const int64_t y0 = taps.row_index[2 * oy], y1 = taps.row_index[2 * oy + 1];
-  const acc wy0 = taps.row_weight[2 * oy], wy1 = taps.row_weight[2 * oy + 1];
-  const scalar_t* r0 = plane + y0 * taps.in_w;
-  const scalar_t* r1 = plane + y1 * taps.in_w;
+inline void blend_logit_rows(const acc* h0, const acc* h1, acc wy0, acc wy1, int64_t classes, int64_t out_w, acc* z) {
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc* a = h0 + c * out_w;
+    const acc* b = h1 + c * out_w;
+    acc* zc = z + c * out_w;
 #pragma omp simd
-  for (int64_t x = 0; x < taps.in_w; ++x) {
-    coarse_row[x] = wy0 * static_cast<acc>(r0[x]) + wy1 * static_cast<acc>(r1[x]);
+    for (int64_t ox = 0; ox < out_w; ++ox) zc[ox] = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
   }
-  const int32_t* ci = taps.col_index;
-  const acc* cw = taps.col_weight;
-#pragma omp simd
-  for (int64_t ox = 0; ox < taps.out_w; ++ox) {
-    const acc v = cw[2 * ox] * coarse_row[ci[2 * ox]] + cw[2 * ox + 1] * coarse_row[ci[2 * ox + 1]];
-    z[ox] = static_cast<acc>(static_cast<scalar_t>(v));
-  }
+}
+
+// The tap tables of both axes in the CPU layout, and the sizes they map between.
+template <typename acc>
+struct CpuGeometry {
+  Taps<acc> rows, cols;
+  int64_t in_h, in_w, out_h, out_w;
+};
+
+template <typename acc>
+CpuGeometry<acc> cpu_geometry(const at::Tensor& coarse, const at::Tensor& row_index, const at::Tensor& row_weight,
+                              const at::Tensor& col_index, const at::Tensor& col_weight) {
+  return {split_taps<acc>(row_index, row_weight, coarse.size(2), "row"),
+          split_taps<acc>(col_index, col_weight, coarse.size(3), "col"), coarse.size(2), coarse.size(3),
+          row_index.size(0), col_index.size(0)};
 }
 
 template <typename scalar_t, typename label_t>
 void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeConfig<acc_t<scalar_t>>& cfg,
-                  const UpsampleTaps<acc_t<scalar_t>>& taps, at::Tensor& loss, at::Tensor& denom, at::Tensor& lse) {
+                  const CpuGeometry<acc_t<scalar_t>>& geo, at::Tensor& loss, at::Tensor& denom, at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
-  const int64_t plane_size = taps.in_h * taps.in_w, out_w = taps.out_w, out_h = taps.out_h;
+  const int64_t plane_size = geo.in_h * geo.in_w, out_w = geo.out_w, out_h = geo.out_h;
   const scalar_t* x = coarse.data_ptr<scalar_t>();
   const label_t* labels = target.data_ptr<label_t>();
   acc* loss_p = loss.data_ptr<acc>();
   acc* denom_p = denom.data_ptr<acc>();
   acc* lse_p = lse.data_ptr<acc>();
-  at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> coarse_row(taps.in_w), z(classes * out_w), max(out_w), sum(out_w), weighted(out_w);
+  // Per thread: two resampled coarse rows and the logits of one output row (C rows of out_w each), then the max,
+  // sum and weighted-sum rows.
+  at::Tensor scratch = allocate_thread_scratch(3 * classes * out_w + 3 * out_w, lse.scalar_type());
+  at::parallel_for(0, batch * out_h, kRowsPerChunk, [&](int64_t begin, int64_t end) {
+    acc* slots = thread_scratch<acc>(scratch);
+    acc* z = slots + 2 * classes * out_w;
+    acc* max = z + classes * out_w;
+    acc* sum = max + out_w;
+    acc* weighted = sum + out_w;
+    ResampledRows<scalar_t, acc> resampled(geo.cols, geo.in_w, plane_size, classes, slots);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / out_h, oy = row % out_h;
-      for (int64_t c = 0; c < classes; ++c) {
-        interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), z.data() + c * out_w);
-      }
+      const scalar_t* image = x + n * classes * plane_size;
+      const int64_t y0 = geo.rows.i0[oy], y1 = geo.rows.i1[oy];
+      const acc* h0 = resampled.row(image, n, y0, y1);
+      const acc* h1 = resampled.row(image, n, y1, y0);
+      blend_logit_rows<scalar_t>(h0, h1, geo.rows.w0[oy], geo.rows.w1[oy], classes, out_w, z);
       // Softmax statistics for the whole row, class by class, so the loops over ox vectorize.
-      std::fill(max.begin(), max.end(), -std::numeric_limits<acc>::infinity());
-      std::fill(sum.begin(), sum.end(), acc(0));
-      std::fill(weighted.begin(), weighted.end(), acc(0));
+      std::fill(max, max + out_w, -std::numeric_limits<acc>::infinity());
+      std::fill(sum, sum + out_w, acc(0));
+      std::fill(weighted, weighted + out_w, acc(0));
       for (int64_t c = 0; c < classes; ++c) {
-        const acc* zc = z.data() + c * out_w;
+        const acc* zc = z + c * out_w;
 #pragma omp simd
         for (int64_t ox = 0; ox < out_w; ++ox) max[ox] = zc[ox] > max[ox] ? zc[ox] : max[ox];
       }
       for (int64_t c = 0; c < classes; ++c) {
-        const acc* zc = z.data() + c * out_w;
-        const acc* row_max = max.data();
-        acc* row_sum = sum.data();
+        const acc* zc = z + c * out_w;
         // z - max is NaN for a NaN logit (and for an all -inf pixel): NaN propagates as in PyTorch.
 #pragma omp simd
-        for (int64_t ox = 0; ox < out_w; ++ox) row_sum[ox] += vector_exp(zc[ox] - row_max[ox]);
+        for (int64_t ox = 0; ox < out_w; ++ox) sum[ox] += vector_exp(zc[ox] - max[ox]);
       }
       if (cfg.smoothing != acc(0)) {
         for (int64_t c = 0; c < classes; ++c) {
-          const acc* zc = z.data() + c * out_w;
+          const acc* zc = z + c * out_w;
           const acc wc = ce_class_weight(cfg, c);
 #pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) weighted[ox] += wc * zc[ox];
@@ -133,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
     using acc = acc_t<scalar>;
     const auto cfg = make_ce_config<acc>(weight ? weight->data_ptr<acc>() : nullptr, coarse.size(1), ignore_index,
                                          acc(smoothing));
-    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    const auto geo = cpu_geometry<acc>(coarse, row_index, row_weight, col_index, col_weight);
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
-      forward_impl<scalar, scalar_t>(coarse, target, cfg, taps, loss, denom, lse);
+      forward_impl<scalar, scalar_t>(coarse, target, cfg, geo, loss, denom, lse);
     });
   });
   return std::make_tuple(loss, denom, lse);
@@ -144,11 +166,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
 // grad_pixel is one value for every pixel (numel 1) or one per pixel (N, H, W).
 template <typename scalar_t, typename label_t>
 void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const at::Tensor& target,
-                   const at::Tensor& lse, const CeConfig<acc_t<scalar_t>>& cfg, const UpsampleTaps<acc_t<scalar_t>>& taps,
-                   const int32_t* row_readers, const int32_t* col_readers, at::Tensor& grad_coarse) {
+                   const at::Tensor& lse, const CeConfig<acc_t<scalar_t>>& cfg, const CpuGeometry<acc_t<scalar_t>>& geo,
+                   const int32_t* row_readers, const Readers<acc_t<scalar_t>>& col_readers, at::Tensor& grad_coarse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
-  const int64_t in_h = taps.in_h, in_w = taps.in_w, out_w = taps.out_w, plane_size = in_h * in_w;
+  const int64_t in_h = geo.in_h, in_w = geo.in_w, out_w = geo.out_w, plane_size = in_h * in_w;
   const scalar_t* x = coarse.data_ptr<scalar_t>();
   const label_t* labels = target.data_ptr<label_t>();
   const acc* lse_p = lse.data_ptr<acc>();
@@ -156,35 +178,38 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
   const bool per_pixel = grad_pixel.numel() != 1;
   scalar_t* out = grad_coarse.data_ptr<scalar_t>();
 
-  // Enough bands to keep every thread busy, as few as possible to keep border recomputation low.
-  const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t bands_per_image = std::min<int64_t>(in_h, std::max<int64_t>(1, (wanted_tasks + batch - 1) / batch));
+  // Bands as tall as the row-adjoint buffer allows (each band border recomputes about one coarse row's worth of
+  // output rows, so the overhead is ~1 / band_rows), then split further until every thread gets the same number of
+  // tasks.
+  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+  const int64_t row_bytes = classes * out_w * static_cast<int64_t>(sizeof(acc));
+  const int64_t max_band_rows = std::max<int64_t>(1, kBandBufferBytes / row_bytes);
+  int64_t bands_per_image = std::min<int64_t>(in_h, (in_h + max_band_rows - 1) / max_band_rows);
+  while (bands_per_image < in_h && (batch * bands_per_image) % threads != 0) ++bands_per_image;
   const int64_t band_rows = (in_h + bands_per_image - 1) / bands_per_image;
   const int64_t bands = (in_h + band_rows - 1) / band_rows;
 
-  // Column readers windows as dense rows of weights: coarse column ix reads dz[fold_start[ix] + k] with weight
-  // fold_weight[ix * span + k], k < span (the widest window; shorter ones are padded with 0).
-  int64_t span = 1;
-  for (int64_t ix = 0; ix < in_w; ++ix) span = std::max<int64_t>(span, col_readers[2 * ix + 1] - col_readers[2 * ix]);
-  std::vector<int64_t> fold_start(in_w);
-  std::vector<acc> fold_weight(in_w * span, acc(0));
-  for (int64_t ix = 0; ix < in_w; ++ix) {
-    fold_start[ix] = std::min<int64_t>(col_readers[2 * ix], out_w);
-    for (int64_t ox = col_readers[2 * ix]; ox < col_readers[2 * ix + 1]; ++ox) {
-      fold_weight[ix * span + (ox - fold_start[ix])] = tap_weight(taps.col_index, taps.col_weight, ox, ix);
-    }
-  }
-
+  // Per thread: two resampled coarse rows (C x out_w each), the band's row-adjoint buffer (C x band_rows x out_w),
+  // then six per-pixel rows of out_w (dz, scale, target_term, smooth, lse, labels as acc-sized ints).
+  const int64_t band_size = classes * band_rows * out_w;
+  at::Tensor scratch = allocate_thread_scratch(2 * classes * out_w + band_size + 6 * out_w, lse.scalar_type());
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-    // dz is padded by one window so every column's window reads in bounds (the padding weighs 0).
-    std::vector<acc> coarse_row(in_w), z(out_w), dz(out_w + span, acc(0)), folded(in_w), band;
-    std::vector<acc> scale(out_w), target_term(out_w), smooth(out_w), pixel_lse(out_w);
-    std::vector<int32_t> label_row(out_w);
+    acc* slots = thread_scratch<acc>(scratch);
+    acc* band = slots + 2 * classes * out_w;
+    acc* dz = band + band_size;
+    acc* scale = dz + out_w;
+    acc* target_term = scale + out_w;
+    acc* smooth = target_term + out_w;
+    acc* pixel_lse = smooth + out_w;
+    int32_t* label_row = reinterpret_cast<int32_t*>(pixel_lse + out_w);  // acc is at least 4 bytes
+    ResampledRows<scalar_t, acc> resampled(geo.cols, in_w, plane_size, classes, slots);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands, first = (task % bands) * band_rows;
       const int64_t last = std::min(first + band_rows, in_h);  // rows [first, last) of every class plane
-      band.assign(classes * (last - first) * in_w, acc(0));
-      int64_t oy_begin = taps.out_h, oy_end = 0;
+      const int64_t owned = last - first;
+      const scalar_t* image = x + n * classes * plane_size;
+      std::fill(band, band + classes * owned * out_w, acc(0));
+      int64_t oy_begin = geo.out_h, oy_end = 0;
       for (int64_t iy = first; iy < last; ++iy) {
         if (row_readers[2 * iy] < row_readers[2 * iy + 1]) {
           oy_begin = std::min<int64_t>(oy_begin, row_readers[2 * iy]);
@@ -192,7 +217,7 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
         }
       }
       for (int64_t oy = oy_begin; oy < oy_end; ++oy) {
-        const int64_t base = (n * taps.out_h + oy) * out_w;
+        const int64_t base = (n * geo.out_h + oy) * out_w;
         // dloss/dz_c = p_c * scale - target_term [c == t] - smooth * w_c (softmax_ce.h), each scaled by the pixel's
         // incoming gradient; the per-pixel factors are hoisted out of the class loop. Ignored pixels: all 0.
         for (int64_t ox = 0; ox < out_w; ++ox) {
@@ -207,39 +232,43 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
           smooth[ox] = ignored ? acc(0) : g * eps_c;
           pixel_lse[ox] = lse_p[base + ox];
         }
+        const int64_t y0 = geo.rows.i0[oy], y1 = geo.rows.i1[oy];
+        const acc wy0 = geo.rows.w0[oy], wy1 = geo.rows.w1[oy];
+        const acc* h0 = resampled.row(image, n, y0, y1);
+        const acc* h1 = resampled.row(image, n, y1, y0);
+        // The owned coarse rows this output row feeds, and with what weight (a missing tap weighs 0).
+        const bool feeds0 = wy0 != acc(0) && y0 >= first && y0 < last;
+        const bool feeds1 = wy1 != acc(0) && y1 >= first && y1 < last;
         for (int64_t c = 0; c < classes; ++c) {
-          interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), z.data());
+          const acc* a = h0 + c * out_w;
+          const acc* b = h1 + c * out_w;
           const acc wc = ce_class_weight(cfg, c);
+          const int32_t cls = static_cast<int32_t>(c);
 #pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) {
-            const acc p = vector_exp(z[ox] - pixel_lse[ox]);
-            const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == c ? target_term[ox] : acc(0));
+            const acc z = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
+            const acc p = vector_exp(z - pixel_lse[ox]);
+            const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == cls ? target_term[ox] : acc(0));
             dz[ox] = label_row[ox] < 0 ? acc(0) : d;
           }
-          // Transposed column taps as a gather: each coarse column sums its readers window (fixed order).
-          for (int64_t ix = 0; ix < in_w; ++ix) {
-            const acc* w = fold_weight.data() + ix * span;
-            const acc* d = dz.data() + fold_start[ix];
-            acc total = 0;
-#pragma omp simd reduction(+ : total)
-            for (int64_t k = 0; k < span; ++k) total += w[k] * d[k];
-            folded[ix] = total;
-          }
-          acc* plane = band.data() + c * (last - first) * in_w;
-          for (int k = 0; k < 2; ++k) {
-            const int64_t iy = taps.row_index[2 * oy + k];
-            const acc wy = taps.row_weight[2 * oy + k];
-            if (wy == acc(0) || iy < first || iy >= last) continue;
-            acc* dst = plane + (iy - first) * in_w;
+          acc* plane = band + c * owned * out_w;
+          if (feeds0) {
+            acc* dst = plane + (y0 - first) * out_w;
 #pragma omp simd
-            for (int64_t ix = 0; ix < in_w; ++ix) dst[ix] += wy * folded[ix];
+            for (int64_t ox = 0; ox < out_w; ++ox) dst[ox] += wy0 * dz[ox];
+          }
+          if (feeds1) {
+            acc* dst = plane + (y1 - first) * out_w;
+#pragma omp simd
+            for (int64_t ox = 0; ox < out_w; ++ox) dst[ox] += wy1 * dz[ox];
           }
         }
       }
       for (int64_t c = 0; c < classes; ++c) {
-        const acc* src = band.data() + c * (last - first) * in_w;
-        scalar_t* dst = out + (n * classes + c) * plane_size + first * in_w;
-        for (int64_t i = 0; i < (last - first) * in_w; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+        for (int64_t iy = first; iy < last; ++iy) {
+          fold_columns(col_readers, band + (c * owned + iy - first) * out_w, in_w,
+                       out + (n * classes + c) * plane_size + iy * in_w);
+        }
       }
     }
   });
@@ -260,39 +289,51 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
     using acc = acc_t<scalar>;
     const auto cfg = make_ce_config<acc>(weight ? weight->data_ptr<acc>() : nullptr, coarse.size(1), ignore_index,
                                          acc(smoothing));
-    const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    const auto geo = cpu_geometry<acc>(coarse, row_index, row_weight, col_index, col_weight);
+    const auto cols = transpose_taps<acc>(col_index, col_weight, col_readers, coarse.size(3), "col");
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
-      backward_impl<scalar, scalar_t>(grad_pixel, coarse, target, lse, cfg, taps, row_readers.data_ptr<int32_t>(),
-                                      col_readers.data_ptr<int32_t>(), grad_coarse);
+      backward_impl<scalar, scalar_t>(grad_pixel, coarse, target, lse, cfg, geo, row_readers.data_ptr<int32_t>(),
+                                      cols, grad_coarse);
     });
   });
   return grad_coarse;
 }
 
 template <typename scalar_t, typename label_t>
-void argmax_impl(const at::Tensor& coarse, const UpsampleTaps<acc_t<scalar_t>>& taps, at::Tensor& labels) {
+void argmax_impl(const at::Tensor& coarse, const CpuGeometry<acc_t<scalar_t>>& geo, at::Tensor& labels) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
-  const int64_t plane_size = taps.in_h * taps.in_w, out_w = taps.out_w, out_h = taps.out_h;
+  const int64_t plane_size = geo.in_h * geo.in_w, out_w = geo.out_w, out_h = geo.out_h;
   const scalar_t* x = coarse.data_ptr<scalar_t>();
   label_t* out = labels.data_ptr<label_t>();
-  at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> coarse_row(taps.in_w), z(out_w), best(out_w);
-    std::vector<int64_t> best_class(out_w);
+  // Per thread: two resampled coarse rows (C x out_w each), the best logit and its class (as acc-sized ints).
+  at::Tensor scratch = allocate_thread_scratch(2 * classes * out_w + 2 * out_w, upsample_acc_type(coarse));
+  at::parallel_for(0, batch * out_h, kRowsPerChunk, [&](int64_t begin, int64_t end) {
+    acc* slots = thread_scratch<acc>(scratch);
+    acc* best = slots + 2 * classes * out_w;
+    int32_t* best_class = reinterpret_cast<int32_t*>(best + out_w);
+    ResampledRows<scalar_t, acc> resampled(geo.cols, geo.in_w, plane_size, classes, slots);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / out_h, oy = row % out_h;
-      for (int64_t c = 0; c < classes; ++c) {
-        acc* dst = c == 0 ? best.data() : z.data();
-        interpolate_row(x + (n * classes + c) * plane_size, taps, oy, coarse_row.data(), dst);
-        if (c == 0) {
-          std::fill(best_class.begin(), best_class.end(), 0);
-          continue;
-        }
+      const scalar_t* image = x + n * classes * plane_size;
+      const int64_t y0 = geo.rows.i0[oy], y1 = geo.rows.i1[oy];
+      const acc wy0 = geo.rows.w0[oy], wy1 = geo.rows.w1[oy];
+      const acc* h0 = resampled.row(image, n, y0, y1);
+      const acc* h1 = resampled.row(image, n, y1, y0);
+      for (int64_t ox = 0; ox < out_w; ++ox) {
+        best[ox] = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, h0[ox], wy1, h1[ox])));
+        best_class[ox] = 0;
+      }
+      for (int64_t c = 1; c < classes; ++c) {
+        const acc* a = h0 + c * out_w;
+        const acc* b = h1 + c * out_w;
+        const int32_t cls = static_cast<int32_t>(c);
+#pragma omp simd
         for (int64_t ox = 0; ox < out_w; ++ox) {
-          if (argmax_takes(z[ox], best[ox])) {
-            best[ox] = z[ox];
-            best_class[ox] = c;
-          }
+          const acc z = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
+          const bool takes = argmax_takes(z, best[ox]);
+          best[ox] = takes ? z : best[ox];
+          best_class[ox] = takes ? cls : best_class[ox];
         }
       }
       for (int64_t ox = 0; ox < out_w; ++ox) out[row * out_w + ox] = static_cast<label_t>(best_class[ox]);
@@ -307,11 +348,11 @@ at::Tensor upsample_argmax(const at::Tensor& coarse, const at::Tensor& row_index
   at::Tensor labels = at::empty({coarse.size(0), row_index.size(0), col_index.size(0)}, coarse.options().dtype(dtype));
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_argmax", [&] {
     using scalar = scalar_t;
-    const auto taps = make_upsample_taps<acc_t<scalar>>(coarse, row_index, row_weight, col_index, col_weight);
+    const auto geo = cpu_geometry<acc_t<scalar>>(coarse, row_index, row_weight, col_index, col_weight);
     if (dtype == at::kLong) {
-      argmax_impl<scalar, int64_t>(coarse, taps, labels);
+      argmax_impl<scalar, int64_t>(coarse, geo, labels);
     } else {
-      argmax_impl<scalar, uint8_t>(coarse, taps, labels);
+      argmax_impl<scalar, uint8_t>(coarse, geo, labels);
     }
   });
   return labels;
