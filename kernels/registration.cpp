@@ -59,6 +59,10 @@ TORCH_LIBRARY(fcn_fast, m) {
       "_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, Tensor? weight, "
       "int ignore_index, float label_smoothing) -> Tensor");
 
+  // [min, max] of the labels other than ignore_index as int64 ([0, 0] when every label is ignored): one pass for the
+  // label check the Python front end runs before the loss kernels (CPU; on CUDA two torch reductions do it).
+  m.def("_label_bounds(Tensor target, int ignore_index) -> Tensor");
+
   // upsample_cross_entropy / upsample_argmax kernels (issue 4).
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
   // (loss, denom_weight, lse), each (N, H, W) in the accumulate dtype; weight is (C,) in that dtype.

@@ -311,6 +311,27 @@ def test_label_out_of_range_names_value_and_count(backend):
         fcn_fast.softmax_cross_entropy(logits, target, backend=backend)
 
 
+@pytest.mark.skipif(not fcn_fast._extension.has_cpu_kernels(), reason="fcn_fast._C did not load")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("numel", [1, 7, 200_003])  # one element, a vector remainder, several parallel chunks
+def test_native_label_bounds_match_torch(dtype, numel):
+    """The CPU label scan behind the check above: [min, max] of the labels other than ignore_index."""
+    gen = torch.Generator().manual_seed(numel)
+    low, high = (-5, 100) if dtype.is_signed else (0, 100)
+    target = torch.randint(low, high, (numel,), generator=gen).to(dtype)
+    ignore = 99
+    target[torch.rand(numel, generator=gen) < 0.3] = ignore
+    kept = target[target != ignore].long()
+    expected = [int(kept.min()), int(kept.max())] if kept.numel() else [0, 0]
+    assert torch.ops.fcn_fast._label_bounds(target, ignore).tolist() == expected
+    # Every label ignored: [0, 0], so any class count passes; a strided view is read correctly.
+    assert torch.ops.fcn_fast._label_bounds(torch.full((5,), ignore, dtype=dtype), ignore).tolist() == [0, 0]
+    strided = target.repeat(2)[::2]
+    kept = strided[strided != ignore].long()
+    assert torch.ops.fcn_fast._label_bounds(strided, ignore).tolist() == (
+        [int(kept.min()), int(kept.max())] if kept.numel() else [0, 0])
+
+
 @pytest.mark.parametrize("case,error,pattern", [
     (dict(target=torch.zeros(2, 4, 5, dtype=torch.long)), ValueError, r"\(2, 3, 4, 4\).*\(2, 4, 5\)"),
     (dict(target=torch.zeros(2, 4, 4)), TypeError, "target must have dtype"),

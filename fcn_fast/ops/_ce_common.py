@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from fcn_fast import _extension
 from fcn_fast._validation import INT_DTYPES, check_int, check_tensor, describe
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -19,13 +20,19 @@ def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
     and one host sync, which ``check_targets=False`` skips (kernels then treat such labels as ignored)."""
     if target.numel() == 0:
         return
-    # Cheap passes first (one reduction, then a select and a reduction); the full mask only to word the error.
-    low, high = torch.aminmax(target)
-    if int(low) >= 0 and int(high) < num_classes:
-        return
-    low, high = torch.aminmax(torch.where(target == ignore_index, 0, target))
-    if int(low) >= 0 and int(high) < num_classes:
-        return
+    # Cheap passes first; the full mask only to word the error. On the CPU one native pass (the torch passes below
+    # cost ~2 ms at 500x500, a tenth of the fused loss); on other devices one reduction, then a select and one more.
+    if target.device.type == "cpu" and _extension.has_cpu_kernels():
+        low, high = torch.ops.fcn_fast._label_bounds(target, ignore_index).tolist()
+        if low >= 0 and high < num_classes:
+            return
+    else:
+        low, high = torch.aminmax(target)
+        if int(low) >= 0 and int(high) < num_classes:
+            return
+        low, high = torch.aminmax(torch.where(target == ignore_index, 0, target))
+        if int(low) >= 0 and int(high) < num_classes:
+            return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values, counts = torch.unique(target[bad], return_counts=True)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fcn_fast import _backends
 from fcn_fast._validation import check_tensor, describe
-from fcn_fast.ops import _ce_common
+from fcn_fast.ops import _ce_common, _eager
 
 OP = "softmax_cross_entropy"
 
@@ -127,10 +127,9 @@ def _output_shapes(logits, target, reduction):
     return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
 
 
-@torch.library.custom_op("fcn_fast::softmax_cross_entropy", mutates_args=())
-def _softmax_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                              ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
-                              backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                                ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
+                                backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if check_targets:  # here, not in the public function: it reads label values, which torch.compile cannot trace
         _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     flat_logits, flat_target = _flat(logits, target)
@@ -141,6 +140,10 @@ def _softmax_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight
     return out.to(logits.dtype), lse, denom_total
 
 
+_softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_entropy", mutates_args=())(
+    _softmax_cross_entropy_impl)
+
+
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, backend):
     loss_shape, pixels = _output_shapes(logits, target, reduction)
@@ -148,11 +151,10 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_ta
     return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("fcn_fast::softmax_cross_entropy_backward", mutates_args=())
-def _softmax_cross_entropy_backward_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                                       weight: Optional[torch.Tensor], lse: torch.Tensor, denom_total: torch.Tensor,
-                                       ignore_index: int, reduction: str, label_smoothing: float,
-                                       backend: str) -> torch.Tensor:
+def _softmax_cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                         weight: Optional[torch.Tensor], lse: torch.Tensor, denom_total: torch.Tensor,
+                                         ignore_index: int, reduction: str, label_smoothing: float,
+                                         backend: str) -> torch.Tensor:
     flat_logits, flat_target = _flat(logits, target)
     grad = grad.to(lse.dtype)
     if reduction == "none":
@@ -163,6 +165,10 @@ def _softmax_cross_entropy_backward_op(grad: torch.Tensor, logits: torch.Tensor,
         return torch.zeros_like(logits)
     grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
     return grad_logits.reshape(logits.shape)
+
+
+_softmax_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::softmax_cross_entropy_backward",
+                                                             mutates_args=())(_softmax_cross_entropy_backward_impl)
 
 
 @_softmax_cross_entropy_backward_op.register_fake
@@ -177,16 +183,25 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, reduction, label_smoothing, backend)
 
 
-def _backward(ctx, grad, _grad_lse, _grad_denom):
-    logits, target, weight, lse, denom_total = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.fcn_fast.softmax_cross_entropy_backward(grad, logits, target, weight, lse, denom_total,
-                                                                         *ctx.options)
-    return grad_logits, None, None, None, None, None, None, None
+def _make_backward(backward_op):
+    """The backward through ``backward_op``: the custom op (registered autograd) or its implementation (the eager
+    Function, see _eager.py)."""
+
+    def backward(ctx, grad, _grad_lse, _grad_denom):
+        logits, target, weight, lse, denom_total = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = backward_op(grad, logits, target, weight, lse, denom_total, *ctx.options)
+        return grad_logits, None, None, None, None, None, None, None
+
+    return backward
 
 
-_softmax_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_softmax_cross_entropy_op.register_autograd(_make_backward(_softmax_cross_entropy_backward_op),
+                                            setup_context=_setup_context)
+_SoftmaxCrossEntropyFunction = _eager.autograd_function(
+    "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _setup_context,
+    _make_backward(_softmax_cross_entropy_backward_impl))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -217,8 +232,8 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
     """
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
     name = _backends.resolve_backend(backend, logits.device, OP)
-    loss, _, _ = torch.ops.fcn_fast.softmax_cross_entropy(logits, target, weight, int(ignore_index), reduction,
-                                                          float(label_smoothing), check_targets, name)
+    run = _SoftmaxCrossEntropyFunction.apply if _eager.takes_eager_path(logits, target, weight) else _softmax_cross_entropy_op
+    loss, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets, name)
     return loss
 
 

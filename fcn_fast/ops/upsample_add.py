@@ -12,6 +12,7 @@ import torch
 
 from fcn_fast import _backends
 from fcn_fast._validation import check_int, check_pair, check_same, check_tensor, describe
+from fcn_fast.ops import _eager
 from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsample_reference,
                                     upsample_reference_backward)
 
@@ -133,14 +134,16 @@ def _unpack(in_h, in_w, out_h, out_w, factor, mode, offset_y, offset_x, align_co
     return Geometry(mode, (in_h, in_w), (out_h, out_w), factor, (offset_y, offset_x), align_corners)
 
 
-@torch.library.custom_op("fcn_fast::upsample_add", mutates_args=())
-def _upsample_add_op(x: torch.Tensor, skip: Optional[torch.Tensor], factor: int, mode: str, out_h: int, out_w: int,
-                     offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float, align_corners: bool,
-                     backend: str) -> torch.Tensor:
+def _upsample_add_impl(x: torch.Tensor, skip: Optional[torch.Tensor], factor: int, mode: str, out_h: int, out_w: int,
+                       offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float, align_corners: bool,
+                       backend: str) -> torch.Tensor:
     geometry = _unpack(x.shape[2], x.shape[3], out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if x.numel() == 0:
         return x.new_zeros((x.shape[0], x.shape[1], out_h, out_w))
     return _FORWARD[backend](x, skip, geometry, (skip_y, skip_x), skip_scale)
+
+
+_upsample_add_op = torch.library.custom_op("fcn_fast::upsample_add", mutates_args=())(_upsample_add_impl)
 
 
 @_upsample_add_op.register_fake
@@ -148,11 +151,10 @@ def _(x, skip, factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, s
     return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
 
-@torch.library.custom_op("fcn_fast::upsample_add_backward", mutates_args=())
-def _upsample_add_backward_op(grad: torch.Tensor, in_h: int, in_w: int, skip_h: int, skip_w: int, factor: int,
-                              mode: str, offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float,
-                              align_corners: bool, need_x: bool, need_skip: bool,
-                              backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _upsample_add_backward_impl(grad: torch.Tensor, in_h: int, in_w: int, skip_h: int, skip_w: int, factor: int,
+                                mode: str, offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float,
+                                align_corners: bool, need_x: bool, need_skip: bool,
+                                backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     n, c, out_h, out_w = grad.shape
     geometry = _unpack(in_h, in_w, out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     x_shape, skip_shape = (n, c, in_h, in_w), (n, c, skip_h, skip_w)
@@ -163,6 +165,10 @@ def _upsample_add_backward_op(grad: torch.Tensor, in_h: int, in_w: int, skip_h: 
                                                skip_scale, need_x, need_skip)
     # Custom ops return tensors only: an output nobody asked for comes back empty.
     return (grad_x if need_x else grad.new_empty(0)), (grad_skip if need_skip else grad.new_empty(0))
+
+
+_upsample_add_backward_op = torch.library.custom_op("fcn_fast::upsample_add_backward", mutates_args=())(
+    _upsample_add_backward_impl)
 
 
 @_upsample_add_backward_op.register_fake
@@ -181,16 +187,24 @@ def _setup_context(ctx, inputs, output):
     ctx.skip_hw = (skip.shape[2], skip.shape[3]) if skip is not None else (0, 0)
 
 
-def _backward(ctx, grad):
-    factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend = ctx.args
-    need_x, need_skip = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_skip = torch.ops.fcn_fast.upsample_add_backward(
-        grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
-        skip_y, skip_x, skip_scale, align_corners, need_x, need_skip, backend)
-    return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
+def _make_backward(backward_op):
+    """The backward of upsample_add through ``backward_op``: the custom op (registered autograd, what tracing sees)
+    or its implementation (the eager Function, see _eager.py)."""
+
+    def backward(ctx, grad):
+        factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend = ctx.args
+        need_x, need_skip = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_skip = backward_op(
+            grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
+            skip_y, skip_x, skip_scale, align_corners, need_x, need_skip, backend)
+        return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
+
+    return backward
 
 
-_upsample_add_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_add_op.register_autograd(_make_backward(_upsample_add_backward_op), setup_context=_setup_context)
+_UpsampleAddFunction = _eager.autograd_function("_UpsampleAddFunction", _upsample_add_impl, _setup_context,
+                                                _make_backward(_upsample_add_backward_impl))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -218,7 +232,8 @@ def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor
     """
     geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
     name = _backends.resolve_backend(backend, x.device, OP)
-    return torch.ops.fcn_fast.upsample_add(
+    run = _UpsampleAddFunction.apply if _eager.takes_eager_path(x, skip) else _upsample_add_op
+    return run(
         x, skip, geometry.factor, geometry.mode, geometry.out_hw[0], geometry.out_hw[1], geometry.offset[0],
         geometry.offset[1], skip_offset[0], skip_offset[1], skip_scale, geometry.align_corners, name)
 

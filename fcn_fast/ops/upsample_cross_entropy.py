@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fcn_fast import _backends
 from fcn_fast._validation import check_tensor, describe
-from fcn_fast.ops import _ce_common
+from fcn_fast.ops import _ce_common, _eager
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
 from fcn_fast.ops.upsample_add import _geometry
 
@@ -147,11 +147,10 @@ def _unpack(coarse: torch.Tensor, out_h, out_w, factor, mode, offset_y, offset_x
                     align_corners)
 
 
-@torch.library.custom_op("fcn_fast::upsample_cross_entropy", mutates_args=())
-def _upsample_cross_entropy_op(coarse: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                               factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
-                               ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
-                               backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                                 factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
+                                 ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
+                                 backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, lse, denom): the reduced loss, the per-pixel log-sum-exp backward needs and the summed weight
     of the counted pixels (the "mean" divisor)."""
     # The label check reads the values, so it runs here, inside the opaque op, still before any kernel: under
@@ -165,6 +164,10 @@ def _upsample_cross_entropy_op(coarse: torch.Tensor, target: torch.Tensor, weigh
     return reduced.to(coarse.dtype), lse, denom.sum()
 
 
+_upsample_cross_entropy_op = torch.library.custom_op("fcn_fast::upsample_cross_entropy", mutates_args=())(
+    _upsample_cross_entropy_impl)
+
+
 @_upsample_cross_entropy_op.register_fake
 def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, ignore_index, reduction,
       label_smoothing, check_targets, backend):
@@ -173,12 +176,11 @@ def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, i
     return loss, target.new_empty(target.shape, dtype=acc), coarse.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("fcn_fast::upsample_cross_entropy_backward", mutates_args=())
-def _upsample_cross_entropy_backward_op(grad: torch.Tensor, coarse: torch.Tensor, target: torch.Tensor,
-                                        weight: Optional[torch.Tensor], lse: torch.Tensor, denom: torch.Tensor,
-                                        factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
-                                        ignore_index: int, reduction: str, label_smoothing: float,
-                                        backend: str) -> torch.Tensor:
+def _upsample_cross_entropy_backward_impl(grad: torch.Tensor, coarse: torch.Tensor, target: torch.Tensor,
+                                          weight: Optional[torch.Tensor], lse: torch.Tensor, denom: torch.Tensor,
+                                          factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
+                                          ignore_index: int, reduction: str, label_smoothing: float,
+                                          backend: str) -> torch.Tensor:
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
     # The gradient of each pixel's loss: one scalar for "sum"/"mean", a map for "none".
     grad_pixel = grad.to(lse.dtype)
@@ -186,6 +188,10 @@ def _upsample_cross_entropy_backward_op(grad: torch.Tensor, coarse: torch.Tensor
         grad_pixel = grad_pixel / denom
     return _BACKWARD[backend](grad_pixel.contiguous(), coarse.contiguous(), target.contiguous(), weight, lse, geometry,
                               ignore_index, label_smoothing)
+
+
+_upsample_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::upsample_cross_entropy_backward",
+                                                              mutates_args=())(_upsample_cross_entropy_backward_impl)
 
 
 @_upsample_cross_entropy_backward_op.register_fake
@@ -204,25 +210,36 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, denom)
 
 
-def _backward(ctx, grad, _grad_lse, _grad_denom):
-    coarse, target, weight, lse, denom = ctx.saved_tensors
-    grad_coarse = None
-    if ctx.needs_input_grad[0]:
-        grad_coarse = torch.ops.fcn_fast.upsample_cross_entropy_backward(grad, coarse, target, weight, lse, denom,
-                                                                         *ctx.args)
-    return grad_coarse, *([None] * (ctx.num_args - 1))
+def _make_backward(backward_op):
+    """The backward through ``backward_op``: the custom op (registered autograd) or its implementation (the eager
+    Function, see _eager.py)."""
+
+    def backward(ctx, grad, _grad_lse, _grad_denom):
+        coarse, target, weight, lse, denom = ctx.saved_tensors
+        grad_coarse = None
+        if ctx.needs_input_grad[0]:
+            grad_coarse = backward_op(grad, coarse, target, weight, lse, denom, *ctx.args)
+        return grad_coarse, *([None] * (ctx.num_args - 1))
+
+    return backward
 
 
-_upsample_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_cross_entropy_op.register_autograd(_make_backward(_upsample_cross_entropy_backward_op),
+                                             setup_context=_setup_context)
+_UpsampleCrossEntropyFunction = _eager.autograd_function(
+    "_UpsampleCrossEntropyFunction", _upsample_cross_entropy_impl, _setup_context,
+    _make_backward(_upsample_cross_entropy_backward_impl))
 
 
-@torch.library.custom_op("fcn_fast::upsample_argmax", mutates_args=())
-def _upsample_argmax_op(coarse: torch.Tensor, factor: int, mode: str, out_h: int, out_w: int, offset_y: int,
-                        offset_x: int, align_corners: bool, dtype: torch.dtype, backend: str) -> torch.Tensor:
+def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: int, out_w: int, offset_y: int,
+                          offset_x: int, align_corners: bool, dtype: torch.dtype, backend: str) -> torch.Tensor:
     geometry = _unpack(coarse, out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if coarse.shape[0] == 0:
         return coarse.new_empty((0, out_h, out_w), dtype=dtype)
     return _ARGMAX[backend](coarse.contiguous(), geometry, dtype)
+
+
+_upsample_argmax_op = torch.library.custom_op("fcn_fast::upsample_argmax", mutates_args=())(_upsample_argmax_impl)
 
 
 @_upsample_argmax_op.register_fake
@@ -266,7 +283,9 @@ def upsample_cross_entropy(coarse: torch.Tensor, target: torch.Tensor, *, factor
     geometry, weight = _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
                                  label_smoothing)
     name = _backends.resolve_backend(backend, coarse.device, OP)
-    loss, _, _ = torch.ops.fcn_fast.upsample_cross_entropy(
+    run = (_UpsampleCrossEntropyFunction.apply if _eager.takes_eager_path(coarse, target, weight)
+           else _upsample_cross_entropy_op)
+    loss, _, _ = run(
         coarse, target, weight, geometry.factor, geometry.mode, geometry.offset[0], geometry.offset[1],
         geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), bool(check_targets), name)
     return loss
@@ -298,7 +317,9 @@ def upsample_argmax(coarse: torch.Tensor, *, factor: int, mode: str = "deconv", 
         raise ValueError(f"{ARGMAX_OP}: out_size (H, W) is required")
     geometry = _geometry(coarse, factor, mode, out_size, offset, align_corners, op=ARGMAX_OP)
     name = _backends.resolve_backend(backend, coarse.device, ARGMAX_OP)
-    return torch.ops.fcn_fast.upsample_argmax(
+    # No autograd here: the eager path is the implementation itself.
+    run = _upsample_argmax_impl if _eager.takes_eager_path(coarse) else _upsample_argmax_op
+    return run(
         coarse, geometry.factor, geometry.mode, geometry.out_hw[0], geometry.out_hw[1], geometry.offset[0],
         geometry.offset[1], geometry.align_corners, dtype, name)
 

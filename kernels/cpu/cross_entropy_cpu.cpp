@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 // GCC keeps the NaN-preserving selects of vector_exp as branches (a compare may raise an FP exception flag nobody here
@@ -35,7 +36,7 @@
 namespace fcn_fast {
 namespace {
 
-constexpr int64_t kBlock = 128;  // pixels per task on the contiguous path
+constexpr int64_t kBlock = 512;  // pixels per task on the contiguous path
 
 template <typename acc_t>
 CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num_classes, int64_t ignore_index,
@@ -83,12 +84,13 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
         }
       }
       const int64_t out = n * L.s + p0;
+      acc_t* lse = lse_out + out;
+#pragma omp simd
+      for (int64_t p = 0; p < len; ++p) lse[p] = row_max[p] + vector_log(row_sum[p]);
       for (int64_t p = 0; p < len; ++p) {
         const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
-        const acc_t lse = row_max[p] + std::log(row_sum[p]);
         const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : block[t * kBlock + p];
-        ce_pixel_loss(cfg, t, lse, z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
-        lse_out[out + p] = lse;
+        ce_pixel_loss(cfg, t, lse[p], z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
       }
     }
   });
@@ -117,7 +119,7 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
     acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock], pixel_lse[kBlock];
-    int64_t label[kBlock];
+    int32_t label[kBlock];  // int32: half the vector compares of int64 in the class loop
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
       const int64_t len = std::min(kBlock, L.s - p0);
@@ -128,7 +130,7 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
         target_scale[p] = k.target_scale;
         smooth_scale[p] = k.smooth_scale;
         pixel_lse[p] = lse[n * L.s + p0 + p];
-        label[p] = t;
+        label[p] = ce_is_ignored(cfg, t) ? -1 : static_cast<int32_t>(t);
       }
       const scalar_t* base = logits + n * L.logit_n + p0;
       scalar_t* out = grad + n * dn + p0;
@@ -136,11 +138,12 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
         const scalar_t* row = base + c * L.logit_c;
         scalar_t* out_row = out + c * dc;
         const acc_t w = ce_class_weight(cfg, c);
+        const int32_t cls = static_cast<int32_t>(c);
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) {
           const acc_t prob = vector_exp(static_cast<acc_t>(row[p]) - pixel_lse[p]);
           const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
-          out_row[p] = static_cast<scalar_t>(k.grad(prob, label[p] == c, w));
+          out_row[p] = static_cast<scalar_t>(k.grad(prob, label[p] == cls, w));
         }
       }
     }
@@ -223,9 +226,45 @@ at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::
   return grad;
 }
 
+using LabelBounds = std::pair<int64_t, int64_t>;
+constexpr LabelBounds kNoLabels{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()};
+
+// Outside the dispatch macro: an OpenMP pragma cannot sit inside a macro argument.
+template <typename label_t>
+LabelBounds label_bounds_range(const label_t* labels, int64_t begin, int64_t end, int64_t ignore_index,
+                               LabelBounds bounds) {
+  int64_t low = bounds.first, high = bounds.second;
+#pragma omp simd reduction(min : low) reduction(max : high)
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t v = static_cast<int64_t>(labels[i]);
+    const bool ignored = v == ignore_index;
+    low = std::min(low, ignored ? kNoLabels.first : v);
+    high = std::max(high, ignored ? kNoLabels.second : v);
+  }
+  return {low, high};
+}
+
+at::Tensor label_bounds_cpu(const at::Tensor& target_in, int64_t ignore_index) {
+  TORCH_CHECK(at::isIntegralType(target_in.scalar_type(), /*includeBool=*/false), "target must be integral");
+  const at::Tensor target = target_in.contiguous();
+  LabelBounds bounds = kNoLabels;
+  AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "label_bounds_cpu", [&] {
+    const scalar_t* labels = target.data_ptr<scalar_t>();
+    bounds = at::parallel_reduce(
+        0, target.numel(), int64_t(1) << 16, kNoLabels,
+        [&](int64_t begin, int64_t end, LabelBounds partial) {
+          return label_bounds_range(labels, begin, end, ignore_index, partial);
+        },
+        [](LabelBounds a, LabelBounds b) { return LabelBounds{std::min(a.first, b.first), std::max(a.second, b.second)}; });
+  });
+  if (bounds.first > bounds.second) bounds = {0, 0};
+  return at::tensor({bounds.first, bounds.second}, at::TensorOptions().dtype(at::kLong));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fcn_fast, CPU, m) {
+  m.impl("_label_bounds", &label_bounds_cpu);
   m.impl("_softmax_cross_entropy_fwd", &softmax_cross_entropy_fwd_cpu);
   m.impl("_softmax_cross_entropy_bwd", &softmax_cross_entropy_bwd_cpu);
 }

@@ -127,12 +127,13 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
         }
       }
       const int64_t base = row * out_w;
+      acc* row_lse = lse_p + base;
+#pragma omp simd
+      for (int64_t ox = 0; ox < out_w; ++ox) row_lse[ox] = max[ox] + vector_log(sum[ox]);
       for (int64_t ox = 0; ox < out_w; ++ox) {
         const int64_t t = static_cast<int64_t>(labels[base + ox]);
-        const acc pixel_lse = max[ox] + std::log(sum[ox]);
         const acc target_logit = ce_is_ignored(cfg, t) ? acc(0) : z[t * out_w + ox];
-        ce_pixel_loss(cfg, t, pixel_lse, target_logit, weighted[ox], loss_p + base + ox, denom_p + base + ox);
-        lse_p[base + ox] = pixel_lse;
+        ce_pixel_loss(cfg, t, row_lse[ox], target_logit, weighted[ox], loss_p + base + ox, denom_p + base + ox);
       }
     }
   });
