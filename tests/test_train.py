@@ -4,6 +4,7 @@ uninterrupted run; staged init and checkpoint mistakes; DDP with 2 gloo processe
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,6 +19,13 @@ from pipeline_helpers import REPO
 
 SMALL = dict(width=1 / 16, geometry="same", optimizer="adamw", lr=2e-3, loss_reduction="mean", threads=1,
              progress=False, log_every=2)
+
+
+def _free_port() -> int:
+    """A port nothing listens on now, so parallel or repeated runs do not collide on a fixed rendezvous port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +119,7 @@ def test_ddp_two_gloo_processes_equal_one_process(data, tmp_path):
             "--device", "cpu", "--threads", "1", "--no-progress", "--val-split", "val"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp_out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "fcn_fast.cli", *args, "--out", ddp_out, "--batch-size", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

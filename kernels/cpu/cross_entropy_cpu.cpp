@@ -38,6 +38,15 @@ namespace {
 
 constexpr int64_t kBlock = 512;  // pixels per task on the contiguous path
 
+// Asks for the same class row of the next block while this one is being read: C rows H*W apart are C concurrent
+// streams, more than the hardware prefetcher follows (perf: the first read of each row was the forward's hot spot).
+template <typename scalar_t>
+inline void prefetch_next_block(const scalar_t* row, int64_t p0, int64_t s) {
+  if (p0 + 2 * kBlock > s) return;  // the next block is partial or belongs to the next image: leave it to hardware
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t k = kBlock; k < 2 * kBlock; k += kLine) __builtin_prefetch(row + k, 0, 3);
+}
+
 template <typename acc_t>
 CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num_classes, int64_t ignore_index,
                             double smoothing) {
@@ -67,6 +76,7 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
       for (int64_t c = 0; c < L.c; ++c) {
         const scalar_t* row = base + c * L.logit_c;
         acc_t* z = block.data() + c * kBlock;
+        prefetch_next_block(row, p0, L.s);
 #pragma omp simd
         for (int64_t p = 0; p < len; ++p) {
           z[p] = static_cast<acc_t>(row[p]);
@@ -137,6 +147,7 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
       for (int64_t c = 0; c < L.c; ++c) {
         const scalar_t* row = base + c * L.logit_c;
         scalar_t* out_row = out + c * dc;
+        prefetch_next_block(row, p0, L.s);
         const acc_t w = ce_class_weight(cfg, c);
         const int32_t cls = static_cast<int32_t>(c);
 #pragma omp simd
