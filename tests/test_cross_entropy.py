@@ -386,3 +386,21 @@ def test_trains_a_small_conv_net(backend):
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+@pytest.mark.skipif(not fcn_fast._extension.has_cpu_kernels(), reason="fcn_fast._C did not load")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_gradients_are_the_float_gradients_rounded(dtype):
+    """The CPU kernel's own half/bfloat16 conversions (vectorisable, kernels/include/fcn_fast/vector_math.h) round
+    as torch does: the gradient for half logits is the float32 kernel's gradient on the same values, rounded."""
+    logits, target = make_case((2, 7, 33, 35), dtype, "cpu", scale=4.0)
+    logits[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    target[0, 0, :3] = IGNORE
+    grads = []
+    for z in (logits.clone(), logits.float()):
+        z.requires_grad_()
+        fcn_fast.softmax_cross_entropy(z, target, reduction="sum", backend="cpu").backward()
+        grads.append(z.grad)
+    half, single = grads
+    assert torch.equal(half.isnan(), single.isnan())
+    torch.testing.assert_close(half, single.to(dtype), rtol=0, atol=0, equal_nan=True)

@@ -36,7 +36,7 @@
 #include "fcn_fast/resample_cpu.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
-#include "fcn_fast/vector_exp.h"
+#include "fcn_fast/vector_math.h"
 
 namespace fcn_fast {
 namespace {
@@ -56,7 +56,7 @@ inline void blend_logit_rows(const acc* h0, const acc* h1, acc wy0, acc wy1, int
     const acc* b = h1 + c * out_w;
     acc* zc = z + c * out_w;
 #pragma omp simd
-    for (int64_t ox = 0; ox < out_w; ++ox) zc[ox] = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
+    for (int64_t ox = 0; ox < out_w; ++ox) zc[ox] = widen(narrow<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
   }
 }
 
@@ -247,7 +247,7 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
           const int32_t cls = static_cast<int32_t>(c);
 #pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) {
-            const acc z = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
+            const acc z = widen(narrow<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
             const acc p = vector_exp(z - pixel_lse[ox]);
             const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == cls ? target_term[ox] : acc(0));
             dz[ox] = label_row[ox] < 0 ? acc(0) : d;
@@ -322,7 +322,7 @@ void argmax_impl(const at::Tensor& coarse, const CpuGeometry<acc_t<scalar_t>>& g
       const acc* h0 = resampled.row(image, n, y0, y1);
       const acc* h1 = resampled.row(image, n, y1, y0);
       for (int64_t ox = 0; ox < out_w; ++ox) {
-        best[ox] = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, h0[ox], wy1, h1[ox])));
+        best[ox] = widen(narrow<scalar_t>(blend_rows(wy0, h0[ox], wy1, h1[ox])));
         best_class[ox] = 0;
       }
       for (int64_t c = 1; c < classes; ++c) {
@@ -331,7 +331,7 @@ void argmax_impl(const at::Tensor& coarse, const CpuGeometry<acc_t<scalar_t>>& g
         const int32_t cls = static_cast<int32_t>(c);
 #pragma omp simd
         for (int64_t ox = 0; ox < out_w; ++ox) {
-          const acc z = static_cast<acc>(static_cast<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
+          const acc z = widen(narrow<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
           const bool takes = argmax_takes(z, best[ox]);
           best[ox] = takes ? z : best[ox];
           best_class[ox] = takes ? cls : best_class[ox];
