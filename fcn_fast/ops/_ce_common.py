@@ -78,3 +78,18 @@ def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reductio
     if reduction == "sum":
         return total
     return total / denom_weight.sum()
+
+
+def make_loss_backward(backward_op):
+    """The autograd backward of a fused loss whose setup_context saved (input, target, weight, lse, denom) and set
+    ``ctx.args`` (the backward op's arguments after those tensors) and ``ctx.num_args`` (how many inputs the forward
+    took). ``backward_op`` is the custom backward op (the registered autograd) or its implementation (the eager
+    Function, fcn_fast/ops/_eager.py)."""
+
+    def backward(ctx, grad, _grad_lse, _grad_denom):
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = backward_op(grad, *ctx.saved_tensors, *ctx.args)
+        return grad_input, *([None] * (ctx.num_args - 1))
+
+    return backward

@@ -180,28 +180,16 @@ def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, backend = inputs
     _, lse, denom_total = output
     ctx.save_for_backward(logits, target, weight, lse, denom_total)
-    ctx.options = (ignore_index, reduction, label_smoothing, backend)
+    ctx.args = (ignore_index, reduction, label_smoothing, backend)  # the backward op's arguments after the tensors
+    ctx.num_args = len(inputs)
+    ctx.mark_non_differentiable(lse, denom_total)
 
 
-def _make_backward(backward_op):
-    """The backward through ``backward_op``: the custom op (registered autograd) or its implementation (the eager
-    Function, see _eager.py)."""
-
-    def backward(ctx, grad, _grad_lse, _grad_denom):
-        logits, target, weight, lse, denom_total = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = backward_op(grad, logits, target, weight, lse, denom_total, *ctx.options)
-        return grad_logits, None, None, None, None, None, None, None
-
-    return backward
-
-
-_softmax_cross_entropy_op.register_autograd(_make_backward(_softmax_cross_entropy_backward_op),
+_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
     "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _setup_context,
-    _make_backward(_softmax_cross_entropy_backward_impl))
+    _ce_common.make_loss_backward(_softmax_cross_entropy_backward_impl))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------

@@ -210,25 +210,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, denom)
 
 
-def _make_backward(backward_op):
-    """The backward through ``backward_op``: the custom op (registered autograd) or its implementation (the eager
-    Function, see _eager.py)."""
-
-    def backward(ctx, grad, _grad_lse, _grad_denom):
-        coarse, target, weight, lse, denom = ctx.saved_tensors
-        grad_coarse = None
-        if ctx.needs_input_grad[0]:
-            grad_coarse = backward_op(grad, coarse, target, weight, lse, denom, *ctx.args)
-        return grad_coarse, *([None] * (ctx.num_args - 1))
-
-    return backward
-
-
-_upsample_cross_entropy_op.register_autograd(_make_backward(_upsample_cross_entropy_backward_op),
+_upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_upsample_cross_entropy_backward_op),
                                              setup_context=_setup_context)
 _UpsampleCrossEntropyFunction = _eager.autograd_function(
     "_UpsampleCrossEntropyFunction", _upsample_cross_entropy_impl, _setup_context,
-    _make_backward(_upsample_cross_entropy_backward_impl))
+    _ce_common.make_loss_backward(_upsample_cross_entropy_backward_impl))
 
 
 def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: int, out_w: int, offset_y: int,

@@ -1,5 +1,6 @@
-// exp, log and half/bfloat16 conversions for the CPU cross-entropy row loops: branch-free, so GCC vectorizes the loops that call it (std::exp is a libm
-// call per lane, never vectorized without -ffast-math, which would also break the NaN semantics we mirror).
+// exp, log and half/bfloat16 conversions for the CPU cross-entropy row loops: branch-free, so GCC vectorizes the
+// loops that call them (std::exp is a libm call per lane, never vectorized without -ffast-math, which would also
+// break the NaN semantics we mirror).
 //
 // A file including this must first set `#pragma GCC optimize("no-trapping-math")`: otherwise GCC keeps the
 // NaN-preserving selects as branches (a float compare may raise an FP exception flag) and the loops stay scalar.
