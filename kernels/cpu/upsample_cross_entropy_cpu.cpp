@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/resample_cpu.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
@@ -146,11 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
                                                    int64_t ignore_index, double smoothing) {
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
-  const auto acc_type = row_weight.scalar_type();
-  const auto shape = target.sizes();
-  at::Tensor loss = at::empty(shape, coarse.options().dtype(acc_type));
-  at::Tensor denom = at::empty(shape, coarse.options().dtype(acc_type));
-  at::Tensor lse = at::empty(shape, coarse.options().dtype(acc_type));
+  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
+  std::tie(loss, denom, lse) = ce_pixel_outputs(target.sizes(), coarse);
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd", [&] {
     using scalar = scalar_t;
     using acc = acc_t<scalar>;
@@ -308,7 +306,7 @@ void argmax_impl(const at::Tensor& coarse, const CpuGeometry<acc_t<scalar_t>>& g
   const scalar_t* x = coarse.data_ptr<scalar_t>();
   label_t* out = labels.data_ptr<label_t>();
   // Per thread: two resampled coarse rows (C x out_w each), the best logit and its class (as acc-sized ints).
-  at::Tensor scratch = allocate_thread_scratch(2 * classes * out_w + 2 * out_w, upsample_acc_type(coarse));
+  at::Tensor scratch = allocate_thread_scratch(2 * classes * out_w + 2 * out_w, acc_scalar_type(coarse.scalar_type()));
   at::parallel_for(0, batch * out_h, kRowsPerChunk, [&](int64_t begin, int64_t end) {
     acc* slots = thread_scratch<acc>(scratch);
     acc* best = slots + 2 * classes * out_w;

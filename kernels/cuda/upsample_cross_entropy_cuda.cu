@@ -21,6 +21,7 @@
 
 #include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
 
@@ -146,10 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
   const c10::cuda::CUDAGuard guard(coarse.device());
-  const auto acc_type = row_weight.scalar_type();
-  at::Tensor loss = at::empty(target.sizes(), coarse.options().dtype(acc_type));
-  at::Tensor denom = at::empty(target.sizes(), coarse.options().dtype(acc_type));
-  at::Tensor lse = at::empty(target.sizes(), coarse.options().dtype(acc_type));
+  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
+  std::tie(loss, denom, lse) = ce_pixel_outputs(target.sizes(), coarse);
   const int64_t pixels = target.numel();
   if (pixels == 0) return std::make_tuple(loss, denom, lse);
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -27,6 +27,9 @@ struct Acc<double> {
 template <typename scalar_t>
 using acc_t = typename Acc<scalar_t>::type;
 
+// acc_t as a dtype: what tap weights, class weights and per-pixel outputs are stored in.
+inline at::ScalarType acc_scalar_type(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
+
 // The floating dtypes every kernel supports.
 #define FCN_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)

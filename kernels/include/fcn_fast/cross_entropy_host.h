@@ -22,14 +22,13 @@ inline CeLayout ce_layout(const at::Tensor& logits, const at::Tensor& target) {
                   logits.stride(1), logits.stride(2), target.stride(0), target.stride(1)};
 }
 
-// Per-pixel outputs, weights, lse and incoming gradients are float32 (float64 for float64 logits).
-inline at::ScalarType ce_acc_type(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The forward's per-pixel outputs, uninitialized: (loss, weight in the "mean" denominator, log-sum-exp), each (N, S).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(const at::Tensor& logits) {
-  const auto options = logits.options().dtype(ce_acc_type(logits.scalar_type()));
-  const int64_t n = logits.size(0), s = logits.size(2);
-  return {at::empty({n, s}, options), at::empty({n, s}, options), at::empty({n, s}, options)};
+// The forward's per-pixel outputs, uninitialized: (loss, weight in the "mean" denominator, log-sum-exp), each of
+// `shape` (one value per pixel) in the accumulate dtype of `input`'s (acc_scalar_type), on its device. Weights, lse
+// and incoming gradients share that dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(at::IntArrayRef shape,
+                                                                    const at::Tensor& input) {
+  const auto options = input.options().dtype(acc_scalar_type(input.scalar_type()));
+  return {at::empty(shape, options), at::empty(shape, options), at::empty(shape, options)};
 }
 
 inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& target,
@@ -42,7 +41,7 @@ inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& tar
   TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), "target must be an integer tensor");
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
-                    weight->device() == logits.device() && weight->scalar_type() == ce_acc_type(logits.scalar_type()),
+                    weight->device() == logits.device() && weight->scalar_type() == acc_scalar_type(logits.scalar_type()),
                 "weight must be a contiguous (C,) tensor of the accumulate dtype on the logits' device");
   }
 }
@@ -50,7 +49,7 @@ inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& tar
 // lse (N, S) contiguous and grad_loss (N, S) with any strides (0 for an expanded scalar), both of the accumulate dtype.
 inline void check_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                    const at::Tensor& lse) {
-  const auto acc = ce_acc_type(logits.scalar_type());
+  const auto acc = acc_scalar_type(logits.scalar_type());
   TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc &&
                   lse.device() == logits.device(),
               "lse must be a contiguous (N, S) tensor of the accumulate dtype on the logits' device");

@@ -14,7 +14,7 @@ inline void check_upsample_taps(const at::Tensor& data, const at::Tensor& row_in
                                 const at::Tensor& col_index, const at::Tensor& col_weight) {
   check_taps(row_index, row_weight, "row");
   check_taps(col_index, col_weight, "col");
-  const at::ScalarType expected = data.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType expected = acc_scalar_type(data.scalar_type());
   for (const at::Tensor* weight : {&row_weight, &col_weight}) {
     TORCH_CHECK(weight->scalar_type() == expected, "tap weights must be ", expected, " for ", data.scalar_type(),
                 " data, got ", weight->scalar_type());

@@ -31,10 +31,6 @@ UpsampleTaps<acc_t> make_upsample_taps(const at::Tensor& coarse, const at::Tenso
                              row_index.size(0),           col_index.size(0)};
 }
 
-inline at::ScalarType upsample_acc_type(const at::Tensor& coarse) {
-  return coarse.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Shapes and dtypes of coarse and the tap tables, then every table entry against the sizes it indexes (one host
 // sync for all of them; the tables are small).
 inline void check_upsample_geometry(const at::Tensor& coarse, const at::Tensor& row_index,
@@ -45,7 +41,7 @@ inline void check_upsample_geometry(const at::Tensor& coarse, const at::Tensor& 
   TORCH_CHECK(coarse.size(1) >= 1 && coarse.size(2) >= 1 && coarse.size(3) >= 1, "coarse must not be empty");
   check_taps(row_index, row_weight, "row");
   check_taps(col_index, col_weight, "col");
-  const auto acc_type = upsample_acc_type(coarse);
+  const auto acc_type = acc_scalar_type(coarse.scalar_type());
   TORCH_CHECK(row_weight.scalar_type() == acc_type && col_weight.scalar_type() == acc_type, "tap weights must be ",
               acc_type, " for ", coarse.scalar_type(), " coarse");
   for (const at::Tensor* t : {&row_index, &row_weight, &col_index, &col_weight}) {
@@ -80,7 +76,7 @@ inline void check_ce_arguments(const at::Tensor& coarse, const at::Tensor& targe
   TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), "target must be integral");
   TORCH_CHECK(target.device() == coarse.device(), "target must be on coarse's device");
   if (weight.has_value()) {
-    const auto acc_type = upsample_acc_type(coarse);
+    const auto acc_type = acc_scalar_type(coarse.scalar_type());
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == coarse.size(1) && weight->is_contiguous() &&
                     weight->scalar_type() == acc_type && weight->device() == coarse.device(),
                 "weight must be a contiguous (C,) ", acc_type, " tensor on coarse's device");
