@@ -65,11 +65,13 @@ TORCH_LIBRARY(fcn_fast, m) {
 
   // upsample_cross_entropy / upsample_argmax kernels (issue 4).
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
-  // (loss, denom_weight, lse), each (N, H, W) in the accumulate dtype; weight is (C,) in that dtype.
+  // (loss, denom_weight, lse) in the accumulate dtype, lse (N, H, W); loss and denom_weight (N, H, W) when per_pixel,
+  // else partial sums (1-D, a length of the backend's choosing) added in a fixed order, whose totals are the sums
+  // over all pixels: a reduced loss needs no per-pixel buffers. weight is (C,) in the accumulate dtype.
   m.def(
       "_upsample_cross_entropy_fwd(Tensor coarse, Tensor target, Tensor? weight, Tensor row_index, "
-      "Tensor row_weight, Tensor col_index, Tensor col_weight, int ignore_index, float label_smoothing) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor row_weight, Tensor col_index, Tensor col_weight, int ignore_index, float label_smoothing, "
+      "bool per_pixel) -> (Tensor, Tensor, Tensor)");
   // grad_coarse from the gradient of each pixel's loss (a scalar for every pixel, or (N, H, W)) and the saved lse.
   m.def(
       "_upsample_cross_entropy_bwd(Tensor grad_pixel, Tensor coarse, Tensor target, Tensor? weight, Tensor lse, "

@@ -404,3 +404,18 @@ def test_cpu_half_gradients_are_the_float_gradients_rounded(dtype):
     half, single = grads
     assert torch.equal(half.isnan(), single.isnan())
     torch.testing.assert_close(half, single.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not fcn_fast.available_backends()["cpu"].available, reason="fcn_fast._C not built")
+def test_backward_holds_the_gradient_and_one_float_per_pixel():
+    """Forward + backward holds the logits' gradient and the saved log-sum-exp, and no zero-filled gradients for the
+    op's non-differentiable outputs (autograd materializes those unless told not to)."""
+    from fcn_fast.bench.measure import peak_memory
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 8, 60, 68, generator=gen, requires_grad=True)
+    target = torch.randint(0, 8, (2, 60, 68), generator=gen)
+    per_pixel = target.numel() * 4
+    peak = peak_memory(lambda: fcn_fast.softmax_cross_entropy(logits, target, backend="cpu").backward(),
+                       torch.device("cpu"))
+    assert logits.numel() * 4 <= peak <= logits.numel() * 4 + per_pixel + (8 << 10)

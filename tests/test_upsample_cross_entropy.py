@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fcn_fast import available_backends
 from fcn_fast._backends import triton_interpreted
+from fcn_fast.bench.measure import peak_memory
 from fcn_fast.ops.upsample_add import upsample_add_reference
 from fcn_fast.ops.upsample_cross_entropy import UpsampleCrossEntropyLoss, upsample_argmax, upsample_cross_entropy
 from harness import DTYPES, TOLERANCES, backend_params, device_for
@@ -354,16 +355,7 @@ def test_torch_compile_fullgraph():
 # ---- memory --------------------------------------------------------------------------------------------------------
 
 def peak_cpu_allocation(fn) -> int:
-    """Peak of the bytes allocated and not yet freed while fn runs: the profiler's per-op allocations (self, so
-    nothing counts twice) and frees, summed in time order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return peak_memory(fn, torch.device("cpu"))  # the benchmark suite's measurement: the allocator's events
 
 
 @NATIVE_CPU
@@ -382,10 +374,34 @@ def test_peak_memory_is_independent_of_classes():
 
     full_logits = n * c * hw[0] * hw[1] * 4
     per_pixel = n * hw[0] * hw[1] * 4
+    # The CPU kernels' per-thread rows: two resampled coarse rows and the backward's band of up to all coarse rows,
+    # each C x out_w (upsample_cross_entropy_cpu.cpp), plus six pixel rows.
+    scratch = torch.get_num_threads() * (c * hw[1] * (2 + coarse.shape[2]) + 6 * hw[1]) * 4
     assert peak_cpu_allocation(eager) >= full_logits  # the measurement sees the logits the composition stores
-    # Fused: the per-pixel float buffers (loss, denom, lse) and grad_coarse, nothing that scales with C * H * W.
-    assert peak_cpu_allocation(fused) <= 4 * per_pixel + 2 * coarse.numel() * 4 < full_logits / 4
+    small = 64 << 10  # per-row sums, tap tables, scalars
+    # Fused: the log-sum-exp (one float per pixel), grad_coarse and the scratch; nothing of C * H * W.
+    assert peak_cpu_allocation(fused) <= per_pixel + coarse.numel() * 4 + scratch + small < full_logits / 4
 
+
+@NATIVE_CPU
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_forward_keeps_one_float_per_pixel(reduction):
+    """A reduced loss's forward holds the log-sum-exp (one float per pixel, what backward needs) and the kernel's
+    per-row sums, no per-pixel loss or weight buffers; "none" returns the per-pixel loss, so it holds more."""
+    n, c, hw = 2, 8, (120, 136)
+    gen = torch.Generator().manual_seed(9)
+    coarse = torch.randn(n, c, 16, 18, generator=gen, requires_grad=True)
+    target = make_target(n, hw, c, "some", gen)
+    geometry = dict(factor=8, mode="deconv", offset=(5, 7))
+    per_pixel = n * hw[0] * hw[1] * 4
+    scratch = torch.get_num_threads() * 3 * (c + 1) * hw[1] * 4  # the forward's per-thread rows
+    small = 16 << 10  # per-row sums, tap tables, scalars
+    reduced = peak_cpu_allocation(lambda: upsample_cross_entropy(coarse, target, reduction=reduction, backend="cpu",
+                                                                 **geometry))
+    assert reduced <= per_pixel + scratch + small < 2 * per_pixel
+    unreduced = peak_cpu_allocation(lambda: upsample_cross_entropy(coarse, target, reduction="none", backend="cpu",
+                                                                   **geometry))
+    assert unreduced >= 3 * per_pixel
 
 # ---- module --------------------------------------------------------------------------------------------------------
 

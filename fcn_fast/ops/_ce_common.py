@@ -88,7 +88,7 @@ def make_loss_backward(backward_op):
 
     def backward(ctx, grad, _grad_lse, _grad_denom):
         grad_input = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
             grad_input = backward_op(grad, *ctx.saved_tensors, *ctx.args)
         return grad_input, *([None] * (ctx.num_args - 1))
 

@@ -183,6 +183,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, label_smoothing, backend)  # the backward op's arguments after the tensors
     ctx.num_args = len(inputs)
     ctx.mark_non_differentiable(lse, denom_total)
+    # No zero-filled gradients for lse and denom (a per-pixel buffer autograd would otherwise allocate).
+    ctx.set_materialize_grads(False)
 
 
 _softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),

@@ -64,7 +64,7 @@ def _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT: tl.constexpr):
 @triton.jit
 def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr,
                     loss_ptr, denom_ptr, lse_ptr, eps_ptr, num_classes, ignore_index, in_h, in_w, out_h, out_w,
-                    HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                    PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < out_h * out_w
@@ -78,9 +78,14 @@ def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weigh
     class_w, weight_sum = _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT)
     eps = tl.load(eps_ptr)
     loss, denom, lse = ce_tile_forward(z, t, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes, ignore_index)
-    tl.store(loss_ptr + pixel, loss, mask=p_mask)
-    tl.store(denom_ptr + pixel, denom, mask=p_mask)
     tl.store(lse_ptr + pixel, lse, mask=p_mask)
+    if PER_PIXEL:
+        tl.store(loss_ptr + pixel, loss, mask=p_mask)
+        tl.store(denom_ptr + pixel, denom, mask=p_mask)
+    else:  # one (loss, denom) sum per program, in a fixed order
+        program = n * tl.num_programs(1) + tl.program_id(1)
+        tl.store(loss_ptr + program, tl.sum(tl.where(p_mask, loss, 0.0), 0))
+        tl.store(denom_ptr + program, tl.sum(tl.where(p_mask, denom, 0.0), 0))
 
 
 @triton.jit
@@ -158,18 +163,22 @@ def _blocks(num_classes: int):
     return block_c, max(16, min(128, 4096 // block_c))
 
 
-def forward(coarse, target, weight, geometry, ignore_index, label_smoothing):
-    """(per-pixel loss, per-pixel "mean" weight, per-pixel log-sum-exp), each (N, H, W) in the accumulate dtype."""
+def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
+    """(loss, "mean" weight, log-sum-exp) in the accumulate dtype: lse (N, H, W); loss and weight (N, H, W) when
+    per_pixel, else one sum per program."""
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     acc = rows.weight.dtype
-    loss, denom, lse = (torch.empty((n, out_h, out_w), dtype=acc, device=coarse.device) for _ in range(3))
     block_c, block_p = _blocks(c)
     grid = (n, triton.cdiv(out_h * out_w, block_p))
+    sums_shape = (n, out_h, out_w) if per_pixel else (grid[0] * grid[1],)
+    loss, denom = (torch.empty(sums_shape, dtype=acc, device=coarse.device) for _ in range(2))
+    lse = torch.empty((n, out_h, out_w), dtype=acc, device=coarse.device)
     _forward_kernel[grid](coarse, target, weight if weight is not None else coarse, rows.index, rows.weight,
                           cols.index, cols.weight, loss, denom, lse, _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w,
-                          out_h, out_w, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_P=block_p)
+                          out_h, out_w, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None, BLOCK_C=block_c,
+                          BLOCK_P=block_p)
     return loss, denom, lse
 
 

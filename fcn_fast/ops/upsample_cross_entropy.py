@@ -63,8 +63,9 @@ def _reference_logits(coarse: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     return upsample_reference(coarse, geometry).to(_acc_dtype(coarse.dtype))
 
 
-def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smoothing):
-    """(per-pixel loss, per-pixel weight in the "mean" denominator, per-pixel log-sum-exp), all (N, H, W)."""
+def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
+    """(per-pixel loss, per-pixel weight in the "mean" denominator, per-pixel log-sum-exp), all (N, H, W), whatever
+    per_pixel says (the other backends then return partial sums: the ground truth keeps the simplest form)."""
     z = _reference_logits(coarse, geometry)
     valid = _valid_labels(target, coarse.shape[1], ignore_index)
     labels = torch.where(valid, target.long(), torch.full_like(target, ignore_index, dtype=torch.long))
@@ -98,10 +99,11 @@ def _reference_argmax(coarse, geometry, dtype):
 
 # ---- native (cpu, cuda) and triton ---------------------------------------------------------------------------------
 
-def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing):
+def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
     return torch.ops.fcn_fast._upsample_cross_entropy_fwd(
-        coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing)
+        coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
+        per_pixel)
 
 
 def _native_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
@@ -158,8 +160,10 @@ def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, wei
     if check_targets:
         _ce_common.check_targets(OP, target, coarse.shape[1], ignore_index)
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
+    # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be two thirds of
+    # the forward's memory (the log-sum-exp, one float per pixel, is all that backward keeps).
     loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
-                                         label_smoothing)
+                                         label_smoothing, reduction == "none")
     reduced = _ce_common.reduce_pixel_losses(loss, denom, reduction)
     return reduced.to(coarse.dtype), lse, denom.sum()
 
@@ -208,6 +212,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (*geometry_and_options, backend)  # the backward op's arguments after the tensors
     ctx.num_args = len(inputs)
     ctx.mark_non_differentiable(lse, denom)
+    # No zero-filled gradients for lse and denom (a per-pixel buffer autograd would otherwise allocate).
+    ctx.set_materialize_grads(False)
 
 
 _upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_upsample_cross_entropy_backward_op),

@@ -47,7 +47,7 @@ namespace {
 // Rows that share resampled coarse rows should stay on one thread: about this many per parallel chunk.
 constexpr int64_t kRowsPerChunk = 8;
 // The backward's per-thread row-adjoint buffer of a band of coarse rows (C x rows x out_w) stays under this.
-constexpr int64_t kBandBufferBytes = int64_t(4) << 20;
+constexpr int64_t kBandBufferBytes = int64_t(1) << 20;
 
 // The logits of one output row for every class, rounded to scalar_t as upsample_add returns them: z[c * out_w + ox].
 template <typename scalar_t, typename acc>
@@ -78,7 +78,8 @@ CpuGeometry<acc> cpu_geometry(const at::Tensor& coarse, const at::Tensor& row_in
 
 template <typename scalar_t, typename label_t>
 void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeConfig<acc_t<scalar_t>>& cfg,
-                  const CpuGeometry<acc_t<scalar_t>>& geo, at::Tensor& loss, at::Tensor& denom, at::Tensor& lse) {
+                  const CpuGeometry<acc_t<scalar_t>>& geo, bool per_pixel, at::Tensor& loss, at::Tensor& denom,
+                  at::Tensor& lse) {
   using acc = acc_t<scalar_t>;
   const int64_t batch = coarse.size(0), classes = coarse.size(1);
   const int64_t plane_size = geo.in_h * geo.in_w, out_w = geo.out_w, out_h = geo.out_h;
@@ -131,10 +132,24 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
       acc* row_lse = lse_p + base;
 #pragma omp simd
       for (int64_t ox = 0; ox < out_w; ++ox) row_lse[ox] = max[ox] + vector_log(sum[ox]);
+      // Per pixel, or summed over the row in ox order (a fixed order: the total is the same on every run).
+      acc row_loss = 0, row_denom = 0;
       for (int64_t ox = 0; ox < out_w; ++ox) {
         const int64_t t = static_cast<int64_t>(labels[base + ox]);
         const acc target_logit = ce_is_ignored(cfg, t) ? acc(0) : z[t * out_w + ox];
-        ce_pixel_loss(cfg, t, row_lse[ox], target_logit, weighted[ox], loss_p + base + ox, denom_p + base + ox);
+        acc pixel_loss, pixel_denom;
+        ce_pixel_loss(cfg, t, row_lse[ox], target_logit, weighted[ox], &pixel_loss, &pixel_denom);
+        if (per_pixel) {
+          loss_p[base + ox] = pixel_loss;
+          denom_p[base + ox] = pixel_denom;
+        } else {
+          row_loss += pixel_loss;
+          row_denom += pixel_denom;
+        }
+      }
+      if (!per_pixel) {
+        loss_p[row] = row_loss;
+        denom_p[row] = row_denom;
       }
     }
   });
@@ -144,11 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
                                                    const std::optional<at::Tensor>& weight,
                                                    const at::Tensor& row_index, const at::Tensor& row_weight,
                                                    const at::Tensor& col_index, const at::Tensor& col_weight,
-                                                   int64_t ignore_index, double smoothing) {
+                                                   int64_t ignore_index, double smoothing, bool per_pixel) {
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
   at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
-  std::tie(loss, denom, lse) = ce_pixel_outputs(target.sizes(), coarse);
+  // Per pixel, or one (loss, denom) sum per output row.
+  const int64_t rows = target.size(0) * target.size(1);
+  std::tie(loss, denom, lse) =
+      ce_pixel_outputs(target.sizes(), per_pixel ? target.sizes() : at::IntArrayRef(&rows, 1), coarse);
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd", [&] {
     using scalar = scalar_t;
     using acc = acc_t<scalar>;
@@ -156,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(const 
                                          acc(smoothing));
     const auto geo = cpu_geometry<acc>(coarse, row_index, row_weight, col_index, col_weight);
     FCN_DISPATCH_LABELS(target.scalar_type(), [&] {
-      forward_impl<scalar, scalar_t>(coarse, target, cfg, geo, loss, denom, lse);
+      forward_impl<scalar, scalar_t>(coarse, target, cfg, geo, per_pixel, loss, denom, lse);
     });
   });
   return std::make_tuple(loss, denom, lse);

@@ -51,16 +51,31 @@ __device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const Up
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
+// The sum of `value` over the block's kThreads threads, in thread 0: a fixed tree, so the same on every run.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* shared) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// per_pixel: loss and denom are per pixel; otherwise each block writes its sums to loss[blockIdx.x] and
+// denom[blockIdx.x] (a reduced loss then needs no per-pixel buffers). Launched with kThreads threads a block.
 template <typename scalar_t, typename label_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                const acc_t<scalar_t>* __restrict__ class_weight, UpsampleTaps<acc_t<scalar_t>> taps,
                                int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing, index_t pixels,
-                               acc_t<scalar_t>* __restrict__ loss, acc_t<scalar_t>* __restrict__ denom,
+                               bool per_pixel, acc_t<scalar_t>* __restrict__ loss, acc_t<scalar_t>* __restrict__ denom,
                                acc_t<scalar_t>* __restrict__ lse) {
   using acc = acc_t<scalar_t>;
   const CeConfig<acc> cfg = make_ce_config<acc>(class_weight, num_classes, ignore_index, smoothing);
   const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
   const index_t out_hw = static_cast<index_t>(taps.out_h * taps.out_w);
+  acc thread_loss = 0, thread_denom = 0;
   for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
        p += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t n = p / out_hw, rem = p - n * out_hw;
@@ -72,8 +87,26 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
       a.add(cfg, c, upsampled_logit(planes + static_cast<index_t>(c) * plane_size, taps, oy, ox), t);
     }
     const acc pixel_lse = a.lse();
-    ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, loss + p, denom + p);
+    acc pixel_loss, pixel_denom;
+    ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, &pixel_loss, &pixel_denom);
+    if (per_pixel) {
+      loss[p] = pixel_loss;
+      denom[p] = pixel_denom;
+    } else {
+      thread_loss += pixel_loss;
+      thread_denom += pixel_denom;
+    }
     lse[p] = pixel_lse;
+  }
+  if (!per_pixel) {  // uniform across the grid, so every thread reaches the barriers
+    __shared__ acc shared[kThreads];
+    const acc block_loss = block_sum(thread_loss, shared);
+    __syncthreads();  // thread 0 has read shared[0] before it is overwritten
+    const acc block_denom = block_sum(thread_denom, shared);
+    if (threadIdx.x == 0) {
+      loss[blockIdx.x] = block_loss;
+      denom[blockIdx.x] = block_denom;
+    }
   }
 }
 
@@ -143,14 +176,23 @@ __global__ void argmax_kernel(const scalar_t* __restrict__ coarse, UpsampleTaps<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     const at::Tensor& coarse, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_index, const at::Tensor& row_weight, const at::Tensor& col_index,
-    const at::Tensor& col_weight, int64_t ignore_index, double smoothing) {
+    const at::Tensor& col_weight, int64_t ignore_index, double smoothing, bool per_pixel) {
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
   const c10::cuda::CUDAGuard guard(coarse.device());
-  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
-  std::tie(loss, denom, lse) = ce_pixel_outputs(target.sizes(), coarse);
   const int64_t pixels = target.numel();
-  if (pixels == 0) return std::make_tuple(loss, denom, lse);
+  const int64_t blocks = blocks_for(pixels);
+  at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
+  // Per pixel, or one (loss, denom) sum per block.
+  std::tie(loss, denom, lse) =
+      ce_pixel_outputs(target.sizes(), per_pixel ? target.sizes() : at::IntArrayRef(&blocks, 1), coarse);
+  if (pixels == 0) {
+    if (!per_pixel) {
+      loss.zero_();
+      denom.zero_();
+    }
+    return std::make_tuple(loss, denom, lse);
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool small = fits_int32({pixels, coarse.numel()});
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd_cuda", [&] {
@@ -161,14 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
       if (small) {
-        forward_kernel<scalar, label, int32_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+        forward_kernel<scalar, label, int32_t><<<blocks, kThreads, 0, stream>>>(
             coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
-            acc(smoothing), static_cast<int32_t>(pixels), loss.data_ptr<acc>(), denom.data_ptr<acc>(),
+            acc(smoothing), static_cast<int32_t>(pixels), per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
             lse.data_ptr<acc>());
       } else {
-        forward_kernel<scalar, label, int64_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
+        forward_kernel<scalar, label, int64_t><<<blocks, kThreads, 0, stream>>>(
             coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
-            acc(smoothing), pixels, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+            acc(smoothing), pixels, per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -22,13 +22,14 @@ inline CeLayout ce_layout(const at::Tensor& logits, const at::Tensor& target) {
                   logits.stride(1), logits.stride(2), target.stride(0), target.stride(1)};
 }
 
-// The forward's per-pixel outputs, uninitialized: (loss, weight in the "mean" denominator, log-sum-exp), each of
-// `shape` (one value per pixel) in the accumulate dtype of `input`'s (acc_scalar_type), on its device. Weights, lse
-// and incoming gradients share that dtype.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(at::IntArrayRef shape,
+// The forward's outputs, uninitialized, in the accumulate dtype of `input`'s (acc_scalar_type), on its device: the
+// loss and its weight in the "mean" denominator, each of `loss_shape` (one value per pixel, or per partial sum), and
+// the log-sum-exp of `pixel_shape`. Weights, lse and incoming gradients share that dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(at::IntArrayRef pixel_shape,
+                                                                    at::IntArrayRef loss_shape,
                                                                     const at::Tensor& input) {
   const auto options = input.options().dtype(acc_scalar_type(input.scalar_type()));
-  return {at::empty(shape, options), at::empty(shape, options), at::empty(shape, options)};
+  return {at::empty(loss_shape, options), at::empty(loss_shape, options), at::empty(pixel_shape, options)};
 }
 
 inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& target,
