@@ -44,6 +44,10 @@ def backend_params(include_reference: bool = True) -> List:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, **override) -> None:
+    """``actual`` against ``expected`` (cast to its dtype) with ``dtype``'s tolerance, on the CPU, or on the GPU when
+    both are there (tests/test_gpu.py compares slices of 10^8 elements)."""
     tol = dict(TOLERANCES[dtype or expected.dtype])
     tol.update(override)
-    torch.testing.assert_close(actual.cpu().to(expected.dtype), expected.cpu(), **tol)
+    if actual.device != expected.device:
+        actual, expected = actual.cpu(), expected.cpu()
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)

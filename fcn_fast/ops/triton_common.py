@@ -1,5 +1,6 @@
 """Triton building blocks shared by the Triton kernels: the per-pixel softmax cross-entropy math on a tile of
-logits (the Triton twin of kernels/include/fcn_fast/softmax_ce.h; formulas there).
+logits (the Triton twin of kernels/include/fcn_fast/softmax_ce.h; formulas there), and ``on_tensor_device``, the
+device guard every Triton entry point runs under.
 
 A tile is z[BLOCK_C, BLOCK_P]: BLOCK_C >= C classes (padded to a power of two) by BLOCK_P pixels, float32, with
 padded classes set to -inf by the caller. class_w[BLOCK_C] holds the class weights (1.0 when none, 0.0 for padded
@@ -7,8 +8,30 @@ classes). Pixels whose target is ignore_index or outside [0, C) are ignored: los
 NaN where their logits hold NaN/+inf, as PyTorch's log_softmax backward gives).
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+
+def on_tensor_device(launcher):
+    """Runs ``launcher`` with the current CUDA device set to the device of its first tensor argument.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, not on the device of the
+    tensors it is given (triton.runtime.jit); without this, cuda:1 tensors passed while cuda:0 is current would go to
+    a kernel running on cuda:0 (an illegal memory access at best). The CUDA kernels get the same from their
+    CUDAGuard. CPU tensors (TRITON_INTERPRET=1) run as they are."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    return launch
 
 
 @triton.jit

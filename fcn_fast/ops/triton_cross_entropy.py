@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad
+from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad, on_tensor_device
 
 # A tile holds about this many logits: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
 TILE_ELEMENTS = 4096
@@ -91,6 +91,7 @@ def _smoothing(label_smoothing: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), label_smoothing, dtype=like.dtype, device=like.device)
 
 
+@on_tensor_device
 def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight, lse), contiguous (N, S) in the acc dtype."""
     n, num_classes, pixels = logits.shape
@@ -107,6 +108,7 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     return loss, denom, lse
 
 
+@on_tensor_device
 def backward(grad_pixels, logits, target, lse, weight, ignore_index: int, label_smoothing: float):
     """grad_pixels (N, S) in the acc dtype (strides may be 0) -> grad_logits, shaped and strided like logits."""
     grad = torch.empty_like(logits)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fcn_fast.ops._resample import Geometry, axis_taps
+from fcn_fast.ops.triton_common import on_tensor_device
 
 # Elements per program (tile of rows x columns): enough work per program to hide latency on a GPU, and few programs
 # for the interpreter, which runs them one after another.
@@ -56,8 +57,10 @@ def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, 
     wx1 = tl.load(col_weight + 2 * ox + 1, mask=col_ok, other=0.0)[None, :]
 
     x_plane = plane.to(tl.int64) * in_h * in_w
-    r0 = (x_plane + y0 * in_w)[:, None]
-    r1 = (x_plane + y1 * in_w)[:, None]
+    # Row offsets in int64 too: y0 * in_w in int32 wraps for an input plane of 2**31 elements or more (interp mode
+    # may downsample such a plane).
+    r0 = (x_plane + y0.to(tl.int64) * in_w)[:, None]
+    r1 = (x_plane + y1.to(tl.int64) * in_w)[:, None]
     v00 = tl.load(x_ptr + r0 + x0, mask=mask, other=0.0).to(ACC)
     v01 = tl.load(x_ptr + r0 + x1, mask=mask, other=0.0).to(ACC)
     v10 = tl.load(x_ptr + r1 + x0, mask=mask, other=0.0).to(ACC)
@@ -114,7 +117,8 @@ def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col
         wy = tl.where(ry0 == iy, tl.load(row_weight + 2 * oy_safe), 0.0) + \
             tl.where(ry1 == iy, tl.load(row_weight + 2 * oy_safe + 1), 0.0)
         wy = tl.where(live, wy, 0.0)
-        g_row = (g_plane + oy_safe * out_w)[:, None, None]
+        # int64: oy * out_w in int32 wraps once one output plane holds 2**31 elements (N = C = 1 at 46341^2).
+        g_row = (g_plane + oy_safe.to(tl.int64) * out_w)[:, None, None]
         g = tl.load(grad_ptr + g_row + ox, mask=reads & live[:, None, None], other=0.0).to(ACC)
         total += wy[:, None] * tl.sum(wx * g, 2)
     out_offset = row.to(tl.int64)[:, None] * in_w + ix[None, :]
@@ -159,6 +163,7 @@ def _longest_readers(mode: str, in_size: int, out_size: int, factor: int, offset
     return max(1, int((readers[:, 1] - readers[:, 0]).max()))
 
 
+@on_tensor_device
 def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, skip_offset: Tuple[int, int],
             skip_scale: float) -> torch.Tensor:
     x = x.contiguous()
@@ -184,6 +189,7 @@ def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, s
     return out
 
 
+@on_tensor_device
 def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_offset: Tuple[int, int],
              skip_scale: float, need_x: bool, need_skip: bool):
     grad = grad.contiguous()

@@ -5,6 +5,9 @@ each interpolated from its 2x2 coarse taps (the tap tables of fcn_fast/ops/_resa
 math of triton_common.py. Backward: one program per (image, block of coarse pixels) gathers, for every class at
 once, the output pixels in each coarse pixel's readers window, recomputing their logits and softmax from the coarse
 map and the saved log-sum-exp: no atomics, deterministic.
+
+Offsets of images and class planes are int64 (N*H*W and the virtual N*C*H*W can pass 2**31); positions inside one
+image (an output pixel, a coarse pixel) are int32, so one image must hold fewer than 2**31 output pixels.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad
+from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad, on_tensor_device
 
 
 @triton.jit
@@ -62,11 +65,23 @@ def _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _image_and_block(blocks_per_image):
+    """(image n as int64, block of that image) of this program. The grid is one flat axis of N * blocks_per_image
+    programs: a (N, blocks) grid put the blocks on axis 1, which CUDA limits to 65535 programs, so on a GPU the
+    forward and argmax failed to launch for an image of more than ~8M output pixels at 21 classes (~1M at 150), and
+    the backward for more than ~4M coarse pixels (the interpreter has no such limit)."""
+    pid = tl.program_id(0)
+    n = pid // blocks_per_image
+    return n.to(tl.int64), pid - n * blocks_per_image
+
+
+@triton.jit
 def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr,
                     loss_ptr, denom_ptr, lse_ptr, eps_ptr, num_classes, ignore_index, in_h, in_w, out_h, out_w,
-                    PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+                    blocks_per_image, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    n, block = _image_and_block(blocks_per_image)
+    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < out_h * out_w
     oy, ox = p // out_w, p % out_w
     c_offs = tl.arange(0, BLOCK_C)
@@ -83,18 +98,17 @@ def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weigh
         tl.store(loss_ptr + pixel, loss, mask=p_mask)
         tl.store(denom_ptr + pixel, denom, mask=p_mask)
     else:  # one (loss, denom) sum per program, in a fixed order
-        program = n * tl.num_programs(1) + tl.program_id(1)
-        tl.store(loss_ptr + program, tl.sum(tl.where(p_mask, loss, 0.0), 0))
-        tl.store(denom_ptr + program, tl.sum(tl.where(p_mask, denom, 0.0), 0))
+        tl.store(loss_ptr + tl.program_id(0), tl.sum(tl.where(p_mask, loss, 0.0), 0))
+        tl.store(denom_ptr + tl.program_id(0), tl.sum(tl.where(p_mask, denom, 0.0), 0))
 
 
 @triton.jit
 def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, lse_ptr, row_index_ptr, row_weight_ptr,
                      row_readers_ptr, col_index_ptr, col_weight_ptr, col_readers_ptr, out_ptr, eps_ptr, num_classes,
-                     ignore_index, in_h, in_w, out_h, out_w, span_y, span_x, PER_PIXEL: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+                     ignore_index, in_h, in_w, out_h, out_w, span_y, span_x, blocks_per_image,
+                     PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    n, block = _image_and_block(blocks_per_image)
+    q = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < in_h * in_w
     iy, ix = q // in_w, q % in_w
     c_offs = tl.arange(0, BLOCK_C)
@@ -135,9 +149,9 @@ def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, lse_ptr, row_
 
 @triton.jit
 def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, out_ptr, num_classes,
-                   in_h, in_w, out_h, out_w, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+                   in_h, in_w, out_h, out_w, blocks_per_image, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n, block = _image_and_block(blocks_per_image)
+    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < out_h * out_w
     oy, ox = p // out_w, p % out_w
     c_offs = tl.arange(0, BLOCK_C)
@@ -163,6 +177,7 @@ def _blocks(num_classes: int):
     return block_c, max(16, min(128, 4096 // block_c))
 
 
+@on_tensor_device
 def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
     """(loss, "mean" weight, log-sum-exp) in the accumulate dtype: lse (N, H, W); loss and weight (N, H, W) when
     per_pixel, else one sum per program."""
@@ -171,17 +186,18 @@ def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per
     out_h, out_w = geometry.out_hw
     acc = rows.weight.dtype
     block_c, block_p = _blocks(c)
-    grid = (n, triton.cdiv(out_h * out_w, block_p))
-    sums_shape = (n, out_h, out_w) if per_pixel else (grid[0] * grid[1],)
+    blocks = triton.cdiv(out_h * out_w, block_p)
+    sums_shape = (n, out_h, out_w) if per_pixel else (n * blocks,)
     loss, denom = (torch.empty(sums_shape, dtype=acc, device=coarse.device) for _ in range(2))
     lse = torch.empty((n, out_h, out_w), dtype=acc, device=coarse.device)
-    _forward_kernel[grid](coarse, target, weight if weight is not None else coarse, rows.index, rows.weight,
-                          cols.index, cols.weight, loss, denom, lse, _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w,
-                          out_h, out_w, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None, BLOCK_C=block_c,
-                          BLOCK_P=block_p)
+    _forward_kernel[(n * blocks,)](
+        coarse, target, weight if weight is not None else coarse, rows.index, rows.weight, cols.index, cols.weight,
+        loss, denom, lse, _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w, out_h, out_w, blocks,
+        PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 
+@on_tensor_device
 def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
     """grad_coarse (N, C, h, w) from the gradient of every pixel's loss (a scalar, or (N, H, W))."""
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
@@ -194,23 +210,23 @@ def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, la
     span_x = int((host_cols.readers[:, 1] - host_cols.readers[:, 0]).max())
     block_c = triton.next_power_of_2(c)
     block_q = max(16, min(64, 2048 // block_c))
-    grid = (n, triton.cdiv(h * w, block_q))
-    _backward_kernel[grid](grad_pixel, coarse, target, weight if weight is not None else coarse, lse, rows.index,
-                           rows.weight, rows.readers, cols.index, cols.weight, cols.readers, grad_coarse,
-                           _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w, out_h, out_w, span_y,
-                           span_x,
-                           PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_C=block_c,
-                           BLOCK_Q=block_q)
+    blocks = triton.cdiv(h * w, block_q)
+    _backward_kernel[(n * blocks,)](
+        grad_pixel, coarse, target, weight if weight is not None else coarse, lse, rows.index, rows.weight,
+        rows.readers, cols.index, cols.weight, cols.readers, grad_coarse, _smoothing(label_smoothing, rows.weight), c,
+        ignore_index, h, w, out_h, out_w, span_y, span_x, blocks,
+        PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_Q=block_q)
     return grad_coarse
 
 
+@on_tensor_device
 def argmax(coarse, geometry, dtype):
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     labels = torch.empty((n, out_h, out_w), dtype=dtype, device=coarse.device)
     block_c, block_p = _blocks(c)
-    grid = (n, triton.cdiv(out_h * out_w, block_p))
-    _argmax_kernel[grid](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, h, w, out_h, out_w,
-                         BLOCK_C=block_c, BLOCK_P=block_p)
+    blocks = triton.cdiv(out_h * out_w, block_p)
+    _argmax_kernel[(n * blocks,)](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, h, w, out_h,
+                                  out_w, blocks, BLOCK_C=block_c, BLOCK_P=block_p)
     return labels
