@@ -419,3 +419,44 @@ def test_backward_holds_the_gradient_and_one_float_per_pixel():
     peak = peak_memory(lambda: fcn_fast.softmax_cross_entropy(logits, target, backend="cpu").backward(),
                        torch.device("cpu"))
     assert logits.numel() * 4 <= peak <= logits.numel() * 4 + per_pixel + (8 << 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["softmax_cross_entropy", "upsample_cross_entropy"])
+def test_small_integer_labels_compare_as_integers(backend, op):
+    """A uint8 label is not ignore_index=-100 even though -100 wraps to 156 in uint8, and the labels of an int8 target
+    are checked as the numbers they are: every backend agrees with the int64 target."""
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(11)
+    num_classes = 200
+    target = torch.randint(150, num_classes, (2, 6, 7), generator=gen)
+    target[0, 0, :3] = 156
+    if op == "softmax_cross_entropy":
+        logits = torch.randn(2, num_classes, 6, 7, generator=gen, dtype=torch.float64).to(device)
+        call = lambda t, **kw: fcn_fast.softmax_cross_entropy(logits, t.to(device), backend=backend, **kw)
+    else:
+        logits = torch.randn(2, num_classes, 3, 4, generator=gen, dtype=torch.float64).to(device)
+        call = lambda t, **kw: fcn_fast.upsample_cross_entropy(logits, t.to(device), factor=2, offset=(0, 1),
+                                                               backend=backend, **kw)
+    expected = call(target, ignore_index=-100, reduction="none")
+    actual = call(target.to(torch.uint8), ignore_index=-100, reduction="none")
+    assert (expected[0, 0, :3] > 0).all()  # label 156 is a class, not ignored
+    torch.testing.assert_close(actual, expected)
+    negative = (target - 150).to(torch.int8)  # labels 0..49
+    negative[0, 0, 0] = -1
+    with pytest.raises(ValueError, match=r"-1 \(1 pixels\)"):
+        call(negative, ignore_index=255)
+
+
+def test_label_check_without_native_kernels_compares_as_integers(monkeypatch):
+    """The label check's torch path (GPU tensors, or no fcn_fast._C) on small integer targets."""
+    from fcn_fast import _extension
+    from fcn_fast.ops import _ce_common
+
+    monkeypatch.setattr(_extension, "has_cpu_kernels", lambda: False)
+    labels = torch.tensor([[0, 5, 156]], dtype=torch.uint8)
+    _ce_common.check_targets("op", labels, 200, -100)  # 156 is a valid class, not -100
+    with pytest.raises(ValueError, match=r"156 \(1 pixels\)"):
+        _ce_common.check_targets("op", labels, 100, -100)
+    with pytest.raises(ValueError, match=r"-1 \(1 pixels\)"):
+        _ce_common.check_targets("op", torch.tensor([[-1, 3]], dtype=torch.int8), 10, 255)

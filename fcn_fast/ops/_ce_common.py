@@ -30,9 +30,11 @@ def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
         low, high = torch.aminmax(target)
         if int(low) >= 0 and int(high) < num_classes:
             return
+        target = target.long()  # compared with Python ints below: see valid_labels
         low, high = torch.aminmax(torch.where(target == ignore_index, 0, target))
         if int(low) >= 0 and int(high) < num_classes:
             return
+    target = target.long()
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values, counts = torch.unique(target[bad], return_counts=True)
@@ -41,6 +43,14 @@ def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
         raise ValueError(
             f"{op}: target has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
             f"{shown}{more}")
+
+
+def valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Pixels that count: labels in [0, num_classes) other than ignore_index (out-of-range labels, possible only with
+    check_targets=False, are ignored as the native kernels ignore them). Compared in int64, as the kernels compare: a
+    Python int compared with a uint8/int8 tensor is cast to its dtype and wraps (-100 would match label 156)."""
+    target = target.long()
+    return (target != ignore_index) & (target >= 0) & (target < num_classes)
 
 
 def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],

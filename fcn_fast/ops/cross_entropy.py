@@ -55,7 +55,7 @@ def _flat(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, tor
 def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
     """Per-pixel (loss, denominator weight) of F.cross_entropy, computed in float32 (float64 for float64)."""
     z = logits.to(_acc_dtype(logits.dtype))
-    valid = (target != ignore_index) & (target >= 0) & (target < z.shape[1])
+    valid = _ce_common.valid_labels(target, z.shape[1], ignore_index)
     safe_target = torch.where(valid, target, 0).long()  # labels the caller let through unchecked are ignored
     loss = F.cross_entropy(z, safe_target, weight=weight, reduction="none", label_smoothing=label_smoothing)
     loss = torch.where(valid, loss, 0.0)  # where, not *: ignored pixels give 0 as in PyTorch, even for NaN logits
@@ -74,7 +74,7 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
     # cannot differentiate F.cross_entropy itself.
     z = logits.to(_acc_dtype(logits.dtype))
     num_classes = z.shape[1]
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    valid = _ce_common.valid_labels(target, num_classes, ignore_index)
     safe_target = torch.where(valid, target, 0).long()
     class_w = weight if weight is not None else z.new_ones(num_classes)
     g = torch.where(valid, grad_pixels, 0.0)  # ignored pixels: p * 0 (NaN where their logits are NaN/inf, as in

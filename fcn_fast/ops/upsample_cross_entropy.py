@@ -52,12 +52,6 @@ def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignor
 
 # ---- reference: the composition, upsample then F.cross_entropy (full-resolution logits) ----------------------------
 
-def _valid_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Pixels that count: labels in [0, C) other than ignore_index (out-of-range labels, possible only with
-    check_targets=False, are ignored as the native kernels ignore them)."""
-    return (target != ignore_index) & (target >= 0) & (target < num_classes)
-
-
 def _reference_logits(coarse: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     # Rounded to coarse's dtype first, as upsample_add returns them, then upcast as the kernels accumulate.
     return upsample_reference(coarse, geometry).to(_acc_dtype(coarse.dtype))
@@ -67,7 +61,7 @@ def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smo
     """(per-pixel loss, per-pixel weight in the "mean" denominator, per-pixel log-sum-exp), all (N, H, W), whatever
     per_pixel says (the other backends then return partial sums: the ground truth keeps the simplest form)."""
     z = _reference_logits(coarse, geometry)
-    valid = _valid_labels(target, coarse.shape[1], ignore_index)
+    valid = _ce_common.valid_labels(target, coarse.shape[1], ignore_index)
     labels = torch.where(valid, target.long(), torch.full_like(target, ignore_index, dtype=torch.long))
     loss = F.cross_entropy(z, labels, weight=weight, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
@@ -81,7 +75,7 @@ def _reference_backward(grad_pixel, coarse, target, weight, lse, geometry, ignor
     resolution, then the adjoint of the upsampling through PyTorch's own ops."""
     num_classes, eps = coarse.shape[1], label_smoothing
     z = _reference_logits(coarse, geometry)
-    valid = _valid_labels(target, num_classes, ignore_index)
+    valid = _ce_common.valid_labels(target, num_classes, ignore_index)
     safe = torch.where(valid, target.long(), 0)
     class_w = weight if weight is not None else z.new_ones(num_classes)
     w_t = torch.where(valid, class_w[safe], 0)
