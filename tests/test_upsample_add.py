@@ -171,6 +171,22 @@ def test_grad_of_one_input_only(backend):
     assert torch.equal(grad_x, want_x) and torch.equal(grad_skip, want_skip)
 
 
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_whole_unscaled_skip_takes_the_output_gradient(backend):
+    """A skip added whole (no crop, scale 1) gets the output's gradient itself, as autograd passes it through an add,
+    not a copy; a scaled skip still gets its own tensor."""
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, 6, generator=gen).to(device).requires_grad_(True)
+    skip = torch.randn(2, 3, 10, 12, generator=gen).to(device).requires_grad_(True)
+    grad_out = torch.randn(2, 3, 10, 12, generator=gen).to(device)
+    _, grad_skip = torch.autograd.grad(fcn_fast.upsample_add(x, skip, factor=2, backend=backend), [x, skip], grad_out)
+    assert grad_skip.data_ptr() == grad_out.data_ptr()
+    scaled = fcn_fast.upsample_add(x, skip, factor=2, skip_scale=0.5, backend=backend)
+    _, grad_skip = torch.autograd.grad(scaled, [x, skip], grad_out)
+    assert grad_skip.data_ptr() != grad_out.data_ptr() and torch.equal(grad_skip, grad_out * 0.5)
+
 # ---- hypothesis: random geometry against the reference -------------------------------------------------------------
 
 @st.composite

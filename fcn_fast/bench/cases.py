@@ -141,7 +141,7 @@ class UpsampleAddBench(OpBench):
     grad_keys = ("x", "skip")
     bytes_formula = {
         "forward": "e*(N*C*h*w + N*C*H*W*[skip] + N*C*H*W)",
-        "backward": "e*(N*C*H*W + N*C*h*w + N*C*Hs*Ws*[skip])",
+        "backward": "e*(N*C*H*W + N*C*h*w + N*C*Hs*Ws*[skip cropped])",
         "full": "forward + backward",
     }
 
@@ -174,7 +174,9 @@ class UpsampleAddBench(OpBench):
 
     def bytes(self, s, dtype, mode):
         e, small, big = _size(dtype), _numel(s.n, s.c, *s.coarse_hw), _numel(s.n, s.c, *s.out_hw)
-        skip = _numel(s.n, s.c, *s.skip_hw) if s.skip_hw else 0
+        # A skip added whole takes the output's gradient as its own (no bytes); a cropped one needs its own tensor.
+        cropped = s.skip_hw and (tuple(s.skip_hw) != tuple(s.out_hw) or tuple(s.skip_offset) != (0, 0))
+        skip = _numel(s.n, s.c, *s.skip_hw) if cropped else 0
         fwd = e * (small + (big if s.skip_hw else 0) + big)
         bwd = e * (big + small + skip)
         return {"forward": fwd, "inference": fwd, "backward": bwd, "full": fwd + bwd}[mode]

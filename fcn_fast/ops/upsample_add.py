@@ -194,9 +194,17 @@ def _make_backward(backward_op):
     def backward(ctx, grad):
         factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend = ctx.args
         need_x, need_skip = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_skip = backward_op(
-            grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
-            skip_y, skip_x, skip_scale, align_corners, need_x, need_skip, backend)
+        # A skip added whole and unscaled takes the output's gradient as its own, as autograd passes it through an
+        # add: no copy (a full-resolution write, half the backward's bytes). Here, not in the backward op, whose
+        # outputs may not alias its inputs.
+        skip_takes_grad = need_skip and skip_scale == 1.0 and (skip_y, skip_x) == (0, 0) and ctx.skip_hw == (out_h, out_w)
+        grad_x = grad_skip = None
+        if need_x or (need_skip and not skip_takes_grad):
+            grad_x, grad_skip = backward_op(
+                grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
+                skip_y, skip_x, skip_scale, align_corners, need_x, need_skip and not skip_takes_grad, backend)
+        if skip_takes_grad:
+            grad_skip = grad
         return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
 
     return backward
