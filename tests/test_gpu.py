@@ -303,3 +303,25 @@ def test_runs_on_the_tensors_device(op, backend):
     with torch.cuda.device(0):
         got = fn(*inputs)
     _assert_equal(got, want)
+
+
+@pytest.mark.skipif(not HAS_CUDA or not fcn_fast.available_backends()["cuda"].available, reason="needs the CUDA kernels")
+def test_cuda_kernels_clamp_malformed_tables():
+    """Tap and reader tables that did not come from fcn_fast (a direct torch.ops call) cannot make the CUDA kernels
+    read out of bounds: they clamp what they read (the CPU kernels check on the host, which on the GPU would sync)."""
+    coarse = torch.randn(1, 3, 4, 5, device="cuda")
+    rows = torch.tensor([[0, 1], [-7, 40]] * 4, dtype=torch.int32, device="cuda")  # 8 output rows, 2 out of range
+    cols = torch.tensor([[2, 3], [1000, -1]] * 5, dtype=torch.int32, device="cuda")  # 10 output columns
+    row_w = torch.full(rows.shape, 0.5, device="cuda")
+    col_w = torch.full(cols.shape, 0.5, device="cuda")
+    labels = torch.ops.fcn_fast._upsample_argmax(coarse, rows, row_w, cols, col_w, torch.int64)
+    assert labels.shape == (1, 8, 10) and bool(((labels >= 0) & (labels < 3)).all())
+    readers = torch.tensor([[-5, 100]] * 4, dtype=torch.int32, device="cuda")
+    col_readers = torch.tensor([[0, 10_000]] * 5, dtype=torch.int32, device="cuda")
+    target = torch.zeros(1, 8, 10, dtype=torch.int64, device="cuda")
+    lse = torch.zeros(1, 8, 10, device="cuda")
+    grad = torch.ops.fcn_fast._upsample_cross_entropy_bwd(
+        torch.ones(1, device="cuda"), coarse, target, None, lse, rows, row_w, readers, cols, col_w, col_readers, 255,
+        0.0)
+    torch.cuda.synchronize()
+    assert grad.shape == coarse.shape and bool(torch.isfinite(grad).all())

@@ -52,7 +52,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* _
     const index_t row = i / out_w;
     const index_t oy = row % out_h;
     const index_t plane = row / out_h;
-    acc value = sample_plane<scalar_t, acc>(x + plane * in_h * in_w, in_w, row_index, row_weight, col_index,
+    acc value = sample_plane<scalar_t, acc>(x + plane * in_h * in_w, in_h, in_w, row_index, row_weight, col_index,
                                             col_weight, oy, ox);
     if (skip != nullptr) {
       value += scale * static_cast<acc>(skip[(plane * skip_h + skip_y + oy) * skip_w + skip_x + ox]);
@@ -74,8 +74,10 @@ __global__ void grad_x_kernel(const scalar_t* __restrict__ grad, scalar_t* __res
     const index_t iy = row % in_h;
     const index_t plane = row / in_h;
     const scalar_t* g = grad + plane * out_h * out_w;
-    const index_t oy_begin = row_readers[2 * iy], oy_end = row_readers[2 * iy + 1];
-    const index_t ox_begin = col_readers[2 * ix], ox_end = col_readers[2 * ix + 1];
+    const index_t oy_begin = clamp_range_end(row_readers[2 * iy], out_h);
+    const index_t oy_end = clamp_range_end(row_readers[2 * iy + 1], out_h);
+    const index_t ox_begin = clamp_range_end(col_readers[2 * ix], out_w);
+    const index_t ox_end = clamp_range_end(col_readers[2 * ix + 1], out_w);
     acc total = 0;
     for (index_t oy = oy_begin; oy < oy_end; ++oy) {
       const acc wy = tap_weight(row_index, row_weight, oy, iy);

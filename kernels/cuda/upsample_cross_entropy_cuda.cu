@@ -46,7 +46,7 @@ inline bool fits_int32(std::initializer_list<int64_t> sizes) {
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const UpsampleTaps<acc_t>& taps, int64_t oy,
                                                  int64_t ox) {
-  const acc_t v = sample_plane<scalar_t, acc_t>(plane, taps.in_w, taps.row_index, taps.row_weight, taps.col_index,
+  const acc_t v = sample_plane<scalar_t, acc_t>(plane, taps.in_h, taps.in_w, taps.row_index, taps.row_weight, taps.col_index,
                                                 taps.col_weight, oy, ox);
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
@@ -133,10 +133,13 @@ __global__ void backward_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, 
     const label_t* labels = target + n * out_hw;
     const acc* pixel_lse = lse + n * out_hw;
     acc total = 0;
-    for (index_t oy = row_readers[2 * iy]; oy < row_readers[2 * iy + 1]; ++oy) {
+    const index_t oy_end = clamp_range_end(row_readers[2 * iy + 1], taps.out_h);
+    const index_t ox_begin = clamp_range_end(col_readers[2 * ix], taps.out_w);
+    const index_t ox_end = clamp_range_end(col_readers[2 * ix + 1], taps.out_w);
+    for (index_t oy = clamp_range_end(row_readers[2 * iy], taps.out_h); oy < oy_end; ++oy) {
       const acc wy = tap_weight(taps.row_index, taps.row_weight, oy, iy);
       if (wy == acc(0)) continue;
-      for (index_t ox = col_readers[2 * ix]; ox < col_readers[2 * ix + 1]; ++ox) {
+      for (index_t ox = ox_begin; ox < ox_end; ++ox) {
         const acc wx = tap_weight(taps.col_index, taps.col_weight, ox, ix);
         if (wx == acc(0)) continue;
         const index_t q = oy * out_w + ox;

@@ -8,11 +8,20 @@
 //                          map o -> index[o] is monotone). Backward kernels gather over this range: each input pixel
 //                          sums the gradients of the outputs that read it, so no atomics and a deterministic result.
 // A 2D output pixel (oy, ox) is the separable sum over the 2x2 taps of its row and column.
+// Tables that did not come from _resample.py (a direct torch.ops call) must not make a kernel read out of bounds: the
+// CPU kernels check every entry on the host; the CUDA kernels clamp each index and readers range they read instead,
+// since a host check of device tables costs a device sync per call.
 #pragma once
 
 #include "fcn_fast/common.h"
 
 namespace fcn_fast {
+
+// v clamped into [0, size): a no-op for every table _resample.py builds.
+FCN_HD int64_t clamp_index(int64_t v, int64_t size) { return v < 0 ? 0 : (v >= size ? size - 1 : v); }
+
+// [start, stop) of a readers entry clamped into [0, size): a no-op for every table _resample.py builds.
+FCN_HD int64_t clamp_range_end(int64_t v, int64_t size) { return v < 0 ? 0 : (v > size ? size : v); }
 
 // Weight with which output position o reads input position i on one axis (0 when it does not read it).
 template <typename acc_t>
@@ -23,12 +32,13 @@ FCN_HD acc_t tap_weight(const int32_t* index, const acc_t* weight, int64_t o, in
   return w;
 }
 
-// Bilinear sample of one channel plane at output (oy, ox): the 2x2 taps of row oy and column ox.
+// Bilinear sample of one in_h x in_w channel plane at output (oy, ox): the 2x2 taps of row oy and column ox.
 template <typename scalar_t, typename acc_t>
-FCN_HD acc_t sample_plane(const scalar_t* plane, int64_t in_w, const int32_t* row_index, const acc_t* row_weight,
-                          const int32_t* col_index, const acc_t* col_weight, int64_t oy, int64_t ox) {
-  const int64_t y0 = row_index[2 * oy], y1 = row_index[2 * oy + 1];
-  const int64_t x0 = col_index[2 * ox], x1 = col_index[2 * ox + 1];
+FCN_HD acc_t sample_plane(const scalar_t* plane, int64_t in_h, int64_t in_w, const int32_t* row_index,
+                          const acc_t* row_weight, const int32_t* col_index, const acc_t* col_weight, int64_t oy,
+                          int64_t ox) {
+  const int64_t y0 = clamp_index(row_index[2 * oy], in_h), y1 = clamp_index(row_index[2 * oy + 1], in_h);
+  const int64_t x0 = clamp_index(col_index[2 * ox], in_w), x1 = clamp_index(col_index[2 * ox + 1], in_w);
   const acc_t wy0 = row_weight[2 * oy], wy1 = row_weight[2 * oy + 1];
   const acc_t wx0 = col_weight[2 * ox], wx1 = col_weight[2 * ox + 1];
   const scalar_t* r0 = plane + y0 * in_w;

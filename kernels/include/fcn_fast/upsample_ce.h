@@ -31,8 +31,8 @@ UpsampleTaps<acc_t> make_upsample_taps(const at::Tensor& coarse, const at::Tenso
                              row_index.size(0),           col_index.size(0)};
 }
 
-// Shapes and dtypes of coarse and the tap tables, then every table entry against the sizes it indexes (one host
-// sync for all of them; the tables are small).
+// Shapes and dtypes of coarse and the tap tables, then, for CPU tensors, every table entry against the sizes it
+// indexes.
 inline void check_upsample_geometry(const at::Tensor& coarse, const at::Tensor& row_index,
                                     const at::Tensor& row_weight, const at::Tensor& col_index,
                                     const at::Tensor& col_weight, const at::Tensor* row_readers = nullptr,
@@ -48,12 +48,17 @@ inline void check_upsample_geometry(const at::Tensor& coarse, const at::Tensor& 
     TORCH_CHECK(t->device() == coarse.device(), "tap tables must be on coarse's device");
   }
   TORCH_CHECK(row_index.size(0) >= 1 && col_index.size(0) >= 1, "the output must not be empty");
-  std::vector<at::Tensor> bounds = {row_index.min(), row_index.max(), col_index.min(), col_index.max()};
   if (row_readers != nullptr) {
     check_readers(*row_readers, coarse.size(2), "row");
     check_readers(*col_readers, coarse.size(3), "col");
     TORCH_CHECK(row_readers->device() == coarse.device() && col_readers->device() == coarse.device(),
                 "reader tables must be on coarse's device");
+  }
+  // Table entries are checked here for CPU tensors only; the CUDA kernels clamp what they read instead (bilinear.h):
+  // checking device tables here would cost a device sync on every call.
+  if (!coarse.is_cpu()) return;
+  std::vector<at::Tensor> bounds = {row_index.min(), row_index.max(), col_index.min(), col_index.max()};
+  if (row_readers != nullptr) {
     bounds.insert(bounds.end(), {row_readers->min().to(at::kInt), row_readers->max().to(at::kInt),
                                  col_readers->min().to(at::kInt), col_readers->max().to(at::kInt)});
   }
