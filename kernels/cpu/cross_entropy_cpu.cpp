@@ -206,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
                                                                             int64_t ignore_index, double smoothing) {
   check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
   at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
-  std::tie(loss, denom, lse) = ce_pixel_outputs({logits.size(0), logits.size(2)}, {logits.size(0), logits.size(2)}, logits);
+  const int64_t pixel_shape[] = {logits.size(0), logits.size(2)};
+  std::tie(loss, denom, lse) = ce_pixel_outputs(pixel_shape, pixel_shape, logits);
   if (loss.numel() == 0) return {loss, denom, lse};
   const CeLayout L = ce_layout(logits, target);
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_cpu", [&] {

@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cuda(co
   check_ce_kernel_args(logits, target, weight, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
-  std::tie(loss, denom, lse) = ce_pixel_outputs({logits.size(0), logits.size(2)}, {logits.size(0), logits.size(2)}, logits);
+  const int64_t pixel_shape[] = {logits.size(0), logits.size(2)};
+  std::tie(loss, denom, lse) = ce_pixel_outputs(pixel_shape, pixel_shape, logits);
   if (loss.numel() == 0) return {loss, denom, lse};
   const CeLayout L = ce_layout(logits, target);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

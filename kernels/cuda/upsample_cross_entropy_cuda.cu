@@ -46,8 +46,8 @@ inline bool fits_int32(std::initializer_list<int64_t> sizes) {
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const UpsampleTaps<acc_t>& taps, int64_t oy,
                                                  int64_t ox) {
-  const acc_t v = sample_plane<scalar_t, acc_t>(plane, taps.in_h, taps.in_w, taps.row_index, taps.row_weight, taps.col_index,
-                                                taps.col_weight, oy, ox);
+  const acc_t v = sample_plane<scalar_t, acc_t>(plane, taps.in_h, taps.in_w, taps.row_index, taps.row_weight,
+                                                taps.col_index, taps.col_weight, oy, ox);
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
