@@ -403,6 +403,7 @@ def test_reduced_forward_keeps_one_float_per_pixel(reduction):
                                                                    **geometry))
     assert unreduced >= 3 * per_pixel
 
+
 # ---- module --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

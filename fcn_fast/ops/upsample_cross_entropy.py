@@ -158,8 +158,9 @@ def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, wei
     # the forward's memory (the log-sum-exp, one float per pixel, is all that backward keeps).
     loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
                                          label_smoothing, reduction == "none")
-    reduced = _ce_common.reduce_pixel_losses(loss, denom, reduction)
-    return reduced.to(coarse.dtype), lse, denom.sum()
+    denom_total = denom.sum()
+    reduced = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
+    return reduced.to(coarse.dtype), lse, denom_total
 
 
 _upsample_cross_entropy_op = torch.library.custom_op("fcn_fast::upsample_cross_entropy", mutates_args=())(
