@@ -59,6 +59,17 @@ TORCH_LIBRARY(fcn_fast, m) {
       "_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, Tensor? weight, "
       "int ignore_index, float label_smoothing) -> Tensor");
 
+  // A reduced loss on the CPU: (loss partial sums: 1-D, a length of the kernel's choosing, added in a fixed order;
+  // lse (N, S); grad_logits). With pixel_grad, the gradient of every pixel's loss known up front (1 for "sum",
+  // 1 / denominator for "mean": a training step's loss.backward()), grad_logits is the backward op's result for it,
+  // computed in the forward's sweeps; without, it is empty.
+  m.def(
+      "_softmax_cross_entropy_fwd_sums(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float? pixel_grad) -> (Tensor, Tensor, Tensor)");
+  // The "mean" denominator as a float64 scalar: the summed weights of the labels in [0, C) other than ignore_index
+  // (their count without weights).
+  m.def("_ce_denominator(Tensor target, Tensor? weight, int num_classes, int ignore_index) -> Tensor");
+
   // [min, max] of the labels other than ignore_index as int64 ([0, 0] when every label is ignored): one pass for the
   // label check the Python front end runs before the loss kernels (CPU; on CUDA two torch reductions do it).
   m.def("_label_bounds(Tensor target, int ignore_index) -> Tensor");

@@ -201,8 +201,9 @@ def test_opcheck(backend):
     device = device_for(backend)
     logits, target = make_case((2, 3, 4, 3), torch.float32, device)
     weight = torch.tensor([1.0, 2.0, 0.5], device=device)
-    for reduction, w in (("mean", weight), ("none", None)):
-        args = (logits.clone().requires_grad_(), target, w, IGNORE, reduction, 0.1, True, backend)
+    # need_grad=True: on the CPU a reduced loss then also returns the gradient the backward hands on.
+    for reduction, w, need_grad in (("mean", weight, True), ("sum", None, False), ("none", None, True)):
+        args = (logits.clone().requires_grad_(), target, w, IGNORE, reduction, 0.1, True, need_grad, backend)
         torch.library.opcheck(torch.ops.fcn_fast.softmax_cross_entropy, args)
 
 
@@ -419,6 +420,79 @@ def test_backward_holds_the_gradient_and_one_float_per_pixel():
     peak = peak_memory(lambda: fcn_fast.softmax_cross_entropy(logits, target, backend="cpu").backward(),
                        torch.device("cpu"))
     assert logits.numel() * 4 <= peak <= logits.numel() * 4 + per_pixel + (8 << 10)
+
+
+CPU_KERNELS = pytest.mark.skipif(not fcn_fast.available_backends()["cpu"].available, reason="fcn_fast._C not built")
+
+
+@CPU_KERNELS
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cpu_gradient_from_the_forward_is_the_recomputed_one(reduction, dtype, layout):
+    """On the CPU a reduced loss gets loss.backward()'s gradient in its forward sweeps; any other incoming gradient
+    (a scaled loss, a retained graph's second backward) runs the sweeps again. Both give one answer: bitwise the
+    same gradient each time, exactly k times it for a loss scaled by a power of two, and F.cross_entropy's."""
+    logits, target = make_case((2, 6, 37, 41), dtype, "cpu")
+    if layout == "channels_last":
+        logits = logits.to(memory_format=torch.channels_last)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 1.0, 0.25])
+    z = logits.clone().requires_grad_()
+    loss = fcn_fast.softmax_cross_entropy(z, target, weight=weight, reduction=reduction, label_smoothing=0.1,
+                                          backend="cpu")
+    grads = []
+    for _ in range(3):
+        (grad,) = torch.autograd.grad(loss, z, retain_graph=True)
+        grads.append(grad)
+    (scaled,) = torch.autograd.grad(4.0 * loss, z)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert torch.equal(scaled, 4.0 * grads[0])
+    assert grads[0].stride() == z.stride()
+    ref_loss, ref_grad = expected(logits, target, weight=weight, reduction=reduction, label_smoothing=0.1,
+                                  ignore_index=IGNORE)
+    assert_close(loss, ref_loss, dtype=dtype)
+    assert_close(grads[0], ref_grad, dtype=dtype)
+
+
+@CPU_KERNELS
+def test_cpu_loss_is_the_same_with_and_without_a_gradient():
+    logits, target = make_case((2, 5, 30, 31), torch.float32, "cpu")
+    with torch.no_grad():
+        plain = fcn_fast.softmax_cross_entropy(logits, target, backend="cpu")
+    training = fcn_fast.softmax_cross_entropy(logits.clone().requires_grad_(), target, backend="cpu")
+    assert torch.equal(plain, training.detach())
+
+
+@CPU_KERNELS
+def test_cpu_forward_holds_a_gradient_only_when_one_is_needed():
+    """The gradient written in the forward is logits-sized: evaluation (no_grad, or logits that need none) must not
+    allocate it; a training step's backward hands it on without a copy (peak: gradient + lse + small)."""
+    from fcn_fast.bench.measure import peak_memory
+
+    logits, target = make_case((2, 8, 60, 68), torch.float32, "cpu")
+    size, per_pixel = logits.numel() * 4, target.numel() * 4
+    cpu = torch.device("cpu")
+    z = logits.clone().requires_grad_()
+    with torch.no_grad():
+        assert peak_memory(lambda: fcn_fast.softmax_cross_entropy(z, target, backend="cpu"), cpu) < per_pixel * 2
+    assert peak_memory(lambda: fcn_fast.softmax_cross_entropy(logits, target, backend="cpu"), cpu) < per_pixel * 2
+    step = peak_memory(lambda: fcn_fast.softmax_cross_entropy(z, target, backend="cpu").backward(), cpu)
+    assert size <= step <= size + per_pixel + (8 << 10)
+
+
+@CPU_KERNELS
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.uint8])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_denominator_matches_torch(target_dtype, weighted):
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randint(0, 9, (3, 70001), generator=gen)  # 9 classes: label 7 and 8 are out of range for C = 7
+    target[:, ::5] = IGNORE
+    weight = torch.rand(7, generator=gen, dtype=torch.float64) if weighted else None
+    target = target[:, 1:]  # not contiguous
+    valid = (target != IGNORE) & (target < 7)
+    expect = (weight[target[valid]].sum() if weighted else valid.sum()).item()
+    got = torch.ops.fcn_fast._ce_denominator(target.to(target_dtype), weight, 7, IGNORE)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(expect, rel=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -35,7 +35,7 @@ CASES = {
     "softmax_cross_entropy": (
         lambda c, s, t, b: fcn_fast.softmax_cross_entropy(s[:, :, :12, :13], t, label_smoothing=0.1, backend=b),
         lambda c, s, t, b: torch.ops.fcn_fast.softmax_cross_entropy(s[:, :, :12, :13], t, None, 255, "mean", 0.1,
-                                                                    True, b)[0],
+                                                                    True, True, b)[0],
     ),
     "upsample_cross_entropy": (
         lambda c, s, t, b: fcn_fast.upsample_cross_entropy(c, t, factor=2, offset=(1, 1), reduction="sum", backend=b),
@@ -49,9 +49,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("incoming", ["one", "random"])  # one: the CPU CE's gradient from the forward is handed on
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(CASES))
-def test_eager_path_matches_the_custom_op(op, backend):
+def test_eager_path_matches_the_custom_op(op, backend, incoming):
     public, through_op = CASES[op]
     results = []
     for call in (public, through_op):
@@ -63,7 +64,7 @@ def test_eager_path_matches_the_custom_op(op, backend):
         grads = []
         if differentiable:
             torch.manual_seed(1)
-            out.backward(torch.randn_like(out))
+            out.backward(torch.ones_like(out) if incoming == "one" else torch.randn_like(out))
             grads = [t.grad if t.grad is not None else torch.zeros(()) for t in (coarse, skip)]
         results.append([out.detach(), *grads])
     for eager, custom in zip(*results):

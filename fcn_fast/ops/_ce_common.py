@@ -96,7 +96,7 @@ def make_loss_backward(backward_op):
     took). ``backward_op`` is the custom backward op (the registered autograd) or its implementation (the eager
     Function, fcn_fast/ops/_eager.py)."""
 
-    def backward(ctx, grad, _grad_lse, _grad_denom):
+    def backward(ctx, grad, *_grads_of_saved_outputs):
         grad_input = None
         if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
             grad_input = backward_op(grad, *ctx.saved_tensors, *ctx.args)

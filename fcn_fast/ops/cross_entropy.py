@@ -7,8 +7,10 @@ fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
 both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
-recomputes the probabilities from it. Writing the gradient during the forward pass instead (Liger-Kernel) measured
-no faster on CPU and holds a logits-sized buffer from the forward on (README, "Softmax cross-entropy").
+recomputes the probabilities from it. On the CPU a reduced loss whose logits need a gradient also gets the gradient
+for ``loss.backward()`` (incoming gradient 1) in the forward's sweeps, one read and one exp per logit in all instead
+of two; backward hands it on when the incoming gradient is 1 and recomputes otherwise (README, "Softmax
+cross-entropy", has the measurements).
 """
 
 from __future__ import annotations
@@ -118,6 +120,22 @@ _BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": 
              "triton": _triton_backward}
 
 
+def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
+    """A reduced loss on the CPU: (loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
+
+    The kernel returns partial sums, not per-pixel loss and weight buffers; the "mean" denominator comes first, from
+    one pass over the labels, because the gradient it writes already carries 1 / denominator."""
+    acc = _acc_dtype(flat_logits.dtype)
+    denom_total = torch.ops.fcn_fast._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
+    pixel_grad = None
+    if need_grad:  # the gradient of every pixel's loss for a loss gradient of 1, computed as _backward computes it
+        pixel_grad = float(torch.ones((), dtype=acc) / denom_total) if reduction == "mean" else 1.0
+    loss_sums, lse, grad = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
+        flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
+    loss = loss_sums.sum()
+    return (loss / denom_total if reduction == "mean" else loss), lse, denom_total, grad
+
+
 # ---- torch.library registration ----------------------------------------------------------------------------------
 # Outputs: the loss (what the public function returns), the per-pixel log-sum-exp and the "mean" denominator, both
 # kept for backward only.
@@ -127,17 +145,29 @@ def _output_shapes(logits, target, reduction):
     return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
 
 
+def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
+    return need_grad and reduction != "none" and backend == "cpu" and logits.numel() > 0
+
+
 def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                                 ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
-                                backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                need_grad: bool, backend: str
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, lse, denominator, gradient of loss.backward() or an empty tensor); need_grad: logits will get
+    a gradient (only the CPU kernels use it, see the module docstring)."""
     if check_targets:  # here, not in the public function: it reads label values, which torch.compile cannot trace
         _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     flat_logits, flat_target = _flat(logits, target)
+    if backend == "cpu" and reduction != "none":
+        out, lse, denom_total, grad = _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index,
+                                                           label_smoothing, reduction,
+                                                           _gradient_in_forward(logits, reduction, need_grad, backend))
+        return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
     loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
     denom_total = denom.sum()
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
-    return out.to(logits.dtype), lse, denom_total
+    return out.to(logits.dtype), lse, denom_total, logits.new_empty(0)
 
 
 _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_entropy", mutates_args=())(
@@ -145,26 +175,43 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 
 
 @_softmax_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, backend):
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
     loss_shape, pixels = _output_shapes(logits, target, reduction)
     acc = _acc_dtype(logits.dtype)
-    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc)
+    grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
+            else logits.new_empty(0))
+    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc), grad
+
+
+def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
+              backend, copy_forward_grad):
+    flat_logits, flat_target = _flat(logits, target)
+    if flat_logits.numel() == 0:
+        return torch.zeros_like(logits)
+    grad = grad.to(lse.dtype)
+    pixel_grad = grad / denom_total if reduction == "mean" else grad  # of every pixel's loss, for a reduced loss
+    if backend == "cpu" and reduction != "none":
+        # The forward's gradient is the one for an incoming gradient of exactly 1 (loss.backward()). Any other (a
+        # scaled loss, a sum of losses, a retained graph's second backward) runs the same sweeps again with its own
+        # pixel gradient rather than the lse-based backward kernel: one formula, so backward is reentrant bitwise.
+        if forward_grad.numel() and bool(grad == 1):
+            return forward_grad.clone() if copy_forward_grad else forward_grad
+        _, _, grad_logits = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, float(pixel_grad))
+        return grad_logits.reshape(logits.shape)
+    # Every pixel's loss of a reduced loss enters with the same factor: an expanded scalar, never materialized.
+    grad_pixels = grad.reshape(flat_target.shape) if reduction == "none" else pixel_grad.expand(flat_target.shape)
+    grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
+    return grad_logits.reshape(logits.shape)
 
 
 def _softmax_cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                                          weight: Optional[torch.Tensor], lse: torch.Tensor, denom_total: torch.Tensor,
-                                         ignore_index: int, reduction: str, label_smoothing: float,
-                                         backend: str) -> torch.Tensor:
-    flat_logits, flat_target = _flat(logits, target)
-    grad = grad.to(lse.dtype)
-    if reduction == "none":
-        grad_pixels = grad.reshape(flat_target.shape)
-    else:  # every pixel's loss enters with the same factor: an expanded scalar, never materialized
-        grad_pixels = (grad / denom_total if reduction == "mean" else grad).expand(flat_target.shape)
-    if flat_logits.numel() == 0:
-        return torch.zeros_like(logits)
-    grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
-    return grad_logits.reshape(logits.shape)
+                                         forward_grad: torch.Tensor, ignore_index: int, reduction: str,
+                                         label_smoothing: float, backend: str) -> torch.Tensor:
+    # A custom op's output may not alias its input: the forward's gradient is copied (the traced path only).
+    return _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction,
+                     label_smoothing, backend, copy_forward_grad=True)
 
 
 _softmax_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::softmax_cross_entropy_backward",
@@ -172,26 +219,47 @@ _softmax_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::softmax_
 
 
 @_softmax_cross_entropy_backward_op.register_fake
-def _(grad, logits, target, weight, lse, denom_total, ignore_index, reduction, label_smoothing, backend):
+def _(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
+      backend):
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, backend = inputs
-    _, lse, denom_total = output
-    ctx.save_for_backward(logits, target, weight, lse, denom_total)
+def _setup_context(ctx, inputs, output, *, keep_forward_grad_apart=False):
+    logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, _need_grad, backend = inputs
+    _, lse, denom_total, forward_grad = output
+    if keep_forward_grad_apart:
+        ctx.save_for_backward(logits, target, weight, lse, denom_total)
+        ctx.forward_grad = forward_grad
+    else:
+        ctx.save_for_backward(logits, target, weight, lse, denom_total, forward_grad)
     ctx.args = (ignore_index, reduction, label_smoothing, backend)  # the backward op's arguments after the tensors
     ctx.num_args = len(inputs)
-    ctx.mark_non_differentiable(lse, denom_total)
+    ctx.mark_non_differentiable(lse, denom_total, forward_grad)
     # No zero-filled gradients for lse and denom (a per-pixel buffer autograd would otherwise allocate).
     ctx.set_materialize_grads(False)
 
 
+def _eager_setup_context(ctx, inputs, output):
+    # The forward's gradient is kept outside the saved tensors so that backward can hand it on and drop its own
+    # reference: the engine and AccumulateGrad then own it alone (they may add into it in place, which must not reach
+    # a tensor a retained graph still holds). A second backward of a retained graph recomputes.
+    _setup_context(ctx, inputs, output, keep_forward_grad_apart=True)
+
+
+def _eager_backward(ctx, grad, *_grads_of_saved_outputs):
+    forward_grad, ctx.forward_grad = ctx.forward_grad, None
+    grad_input = None
+    if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
+        forward_grad = forward_grad if forward_grad is not None else _NO_FORWARD_GRAD
+        grad_input = _backward(grad, *ctx.saved_tensors, forward_grad, *ctx.args, copy_forward_grad=False)
+    return grad_input, *([None] * (ctx.num_args - 1))
+
+
+_NO_FORWARD_GRAD = torch.empty(0)
 _softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
-    "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _setup_context,
-    _ce_common.make_loss_backward(_softmax_cross_entropy_backward_impl))
+    "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context, _eager_backward)
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -223,7 +291,9 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
     name = _backends.resolve_backend(backend, logits.device, OP)
     run = _SoftmaxCrossEntropyFunction.apply if _eager.takes_eager_path(logits, target, weight) else _softmax_cross_entropy_op
-    loss, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets, name)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets,
+                        need_grad, name)
     return loss
 
 

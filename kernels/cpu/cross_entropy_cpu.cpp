@@ -9,6 +9,9 @@
 // pixel over its C strided logits.
 // Forward writes per pixel the loss, its weight in the "mean" denominator and the log-sum-exp (the one float backward
 // keeps); backward recomputes p = exp(z - lse) and writes the gradient, again one exp per logit.
+// A reduced loss (_softmax_cross_entropy_fwd_sums) comes back as one partial sum per task, and, in a training step
+// (the incoming gradient known up front), with the gradient: the exp-sum sweep keeps exp(z - max) in the block
+// buffer and a third sweep writes the gradient from it, so each logit costs one exp and one read in all.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -55,16 +59,30 @@ CeConfig<acc_t> make_config(const c10::optional<at::Tensor>& weight, int64_t num
                                static_cast<acc_t>(smoothing));
 }
 
+// Where forward_blocks writes the gradient g * dloss/dz (for one incoming gradient g for every pixel) when it has one.
+template <typename scalar_t, typename acc_t>
+struct FusedGrad {
+  scalar_t* data;  // nullptr: loss only
+  int64_t dn, dc;  // element strides of the (N, C, S) gradient; pixels contiguous
+  acc_t g;
+};
+
+// per_pixel: loss and denom per pixel; otherwise loss[task] is the summed loss of the task's pixels (in pixel order)
+// and denom is not written. With grad.data, also the gradient.
 template <typename scalar_t, typename target_t, typename acc_t>
 void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
-                    acc_t* loss, acc_t* denom, acc_t* lse_out) {
+                    bool per_pixel, acc_t* loss, acc_t* denom, acc_t* lse_out, FusedGrad<scalar_t, acc_t> grad) {
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   const bool smoothing = cfg.smoothing != acc_t(0);
+  const bool with_grad = grad.data != nullptr;
   at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
     // The block's logits, copied once in acc_t: rows H*W apart in memory all map to the same cache sets (the
     // stride is a large power of two at 512x512), so re-reading them in place for the second sweep would miss.
+    // With the gradient, the second sweep overwrites them with exp(z - max) for the third.
     std::vector<acc_t> block(static_cast<size_t>(L.c * kBlock));
-    acc_t row_max[kBlock], row_sum[kBlock], weighted_sum[kBlock];
+    acc_t row_max[kBlock], row_sum[kBlock], weighted_sum[kBlock], target_logit[kBlock];
+    acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock];
+    int32_t label[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
       const int64_t len = std::min(kBlock, L.s - p0);
@@ -88,24 +106,75 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
           row_max[p] = z[p] > row_max[p] ? z[p] : row_max[p];  // a NaN logit is skipped here, poisons the sum below
         }
       }
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
+        const bool ignored = ce_is_ignored(cfg, t);
+        label[p] = ignored ? -1 : static_cast<int32_t>(t);
+        target_logit[p] = ignored ? acc_t(0) : block[t * kBlock + p];
+      }
       for (int64_t c = 0; c < L.c; ++c) {
-        const acc_t* z = block.data() + c * kBlock;
-#pragma omp simd
-        for (int64_t p = 0; p < len; ++p) row_sum[p] += vector_exp(z[p] - row_max[p]);
+        acc_t* z = block.data() + c * kBlock;
         if (smoothing) {
           const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
           for (int64_t p = 0; p < len; ++p) weighted_sum[p] += w * z[p];
+        }
+        if (with_grad) {
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) {
+            z[p] = vector_exp(z[p] - row_max[p]);
+            row_sum[p] += z[p];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) row_sum[p] += vector_exp(z[p] - row_max[p]);
         }
       }
       const int64_t out = n * L.s + p0;
       acc_t* lse = lse_out + out;
 #pragma omp simd
       for (int64_t p = 0; p < len; ++p) lse[p] = row_max[p] + vector_log(row_sum[p]);
+      if (per_pixel) {
+        for (int64_t p = 0; p < len; ++p) {
+          ce_pixel_loss(cfg, label[p], lse[p], target_logit[p], weighted_sum[p], &loss[out + p], &denom[out + p]);
+        }
+      } else {
+        acc_t loss_sum = 0;
+        for (int64_t p = 0; p < len; ++p) {
+          acc_t pixel_loss, unused_weight;
+          ce_pixel_loss(cfg, label[p], lse[p], target_logit[p], weighted_sum[p], &pixel_loss, &unused_weight);
+          loss_sum += pixel_loss;
+        }
+        loss[task] = loss_sum;
+      }
+      if (!with_grad) continue;
       for (int64_t p = 0; p < len; ++p) {
-        const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
-        const acc_t z_t = ce_is_ignored(cfg, t) ? acc_t(0) : block[t * kBlock + p];
-        ce_pixel_loss(cfg, t, lse[p], z_t, weighted_sum[p], &loss[out + p], &denom[out + p]);
+        const CeGradCoef<acc_t> k = ce_grad_coef(cfg, label[p], grad.g);
+        prob_scale[p] = k.prob_scale / row_sum[p];  // p_c = exp(z_c - max) / sum
+        target_scale[p] = k.target_scale;
+        smooth_scale[p] = k.smooth_scale;
+      }
+      scalar_t* grad_block = grad.data + n * grad.dn + p0;
+      for (int64_t c = 0; c < L.c; ++c) {
+        acc_t* e = block.data() + c * kBlock;
+        scalar_t* out_row = grad_block + c * grad.dc;
+        const acc_t w = ce_class_weight(cfg, c);
+        const int32_t cls = static_cast<int32_t>(c);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) {
+            const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
+            out_row[p] = k.grad(e[p], label[p] == cls, w);
+          }
+        } else {  // computed in place, then narrowed: each loop vectorizes (see backward_blocks)
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) {
+            const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
+            e[p] = k.grad(e[p], label[p] == cls, w);
+          }
+#pragma omp simd
+          for (int64_t p = 0; p < len; ++p) out_row[p] = narrow<scalar_t>(e[p]);
+        }
       }
     }
   });
@@ -219,13 +288,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
       const logit_t* z = logits.data_ptr<logit_t>();
       const label_t* t = target.data_ptr<label_t>();
       if (L.logit_s == 1 && L.s > 1) {  // (N, C) scores (S = 1) go per sample, over contiguous classes
-        forward_blocks(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+        forward_blocks(L, z, t, cfg, /*per_pixel=*/true, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
+                       lse.data_ptr<acc>(), FusedGrad<logit_t, acc>{nullptr, 0, 0, acc(0)});
       } else {
         forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
       }
     });
   });
   return {loss, denom, lse};
+}
+
+// A reduced loss: (loss partial sums, lse, grad_logits). With pixel_grad (the gradient of every pixel's loss: 1 for
+// "sum", 1 / denominator for "mean") the gradient comes in the same sweeps, else grad_logits is empty. Contiguous
+// pixels take forward_blocks, one partial sum per task; other layouts run the per-pixel forward (and backward), a
+// "partial sum" per pixel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_sums_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    double smoothing, c10::optional<double> pixel_grad) {
+  check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
+  const CeLayout L = ce_layout(logits, target);
+  at::Tensor grad = pixel_grad.has_value() ? at::empty_like(logits) : at::empty({0}, logits.options());
+  const bool blocks = L.logit_s == 1 && L.s > 1 && (!pixel_grad.has_value() || grad.stride(2) == 1);
+  const int64_t pixel_shape[] = {L.n, L.s};
+  const int64_t sums[] = {blocks ? L.n * ((L.s + kBlock - 1) / kBlock) : L.n * L.s};
+  at::Tensor loss, denom, lse;
+  std::tie(loss, denom, lse) = ce_pixel_outputs(pixel_shape, sums, logits);
+  if (L.n * L.s == 0) return {loss, lse, grad};
+  FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_sums_cpu", [&] {
+    using logit_t = scalar_t;
+    using acc = acc_t<logit_t>;
+    const auto cfg = make_config<acc>(weight, L.c, ignore_index, smoothing);
+    const acc g = static_cast<acc>(pixel_grad.value_or(0.0));
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "softmax_cross_entropy_fwd_sums_cpu_target", [&] {
+      using label_t = scalar_t;
+      const logit_t* z = logits.data_ptr<logit_t>();
+      const label_t* t = target.data_ptr<label_t>();
+      if (blocks) {
+        const FusedGrad<logit_t, acc> fused_grad =
+            pixel_grad.has_value() ? FusedGrad<logit_t, acc>{grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1), g}
+                                   : FusedGrad<logit_t, acc>{nullptr, 0, 0, g};
+        forward_blocks(L, z, t, cfg, /*per_pixel=*/false, loss.data_ptr<acc>(), static_cast<acc*>(nullptr),
+                       lse.data_ptr<acc>(), fused_grad);
+      } else {
+        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+        if (pixel_grad.has_value()) {
+          backward_pixels(L, z, t, lse.data_ptr<acc>(), &g, 0, 0, cfg, grad.data_ptr<logit_t>(), grad.stride(0),
+                          grad.stride(1), grad.stride(2));
+        }
+      }
+    });
+  });
+  return {loss, lse, grad};
 }
 
 at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -293,12 +406,46 @@ at::Tensor label_bounds_cpu(const at::Tensor& target_in, int64_t ignore_index) {
   return at::tensor({bounds.first, bounds.second}, at::TensorOptions().dtype(at::kLong));
 }
 
+// The "mean" denominator: the summed class weights of the counted labels (their count without weights). Counted
+// per class in integers, then weighted in class order: exact counts, the same sum for any thread count.
+at::Tensor ce_denominator_cpu(const at::Tensor& target_in, const c10::optional<at::Tensor>& weight,
+                              int64_t num_classes, int64_t ignore_index) {
+  TORCH_CHECK(at::isIntegralType(target_in.scalar_type(), /*includeBool=*/false), "target must be integral");
+  TORCH_CHECK(num_classes > 0, "num_classes must be positive");
+  TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->size(0) == num_classes && weight->is_cpu()),
+              "weight must be a (num_classes,) CPU tensor");
+  const at::Tensor target = target_in.contiguous();
+  std::vector<int64_t> counts(static_cast<size_t>(num_classes), 0);
+  std::mutex merge;
+  AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "ce_denominator_cpu", [&] {
+    const scalar_t* labels = target.data_ptr<scalar_t>();
+    at::parallel_for(0, target.numel(), int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> local(static_cast<size_t>(num_classes), 0);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = static_cast<int64_t>(labels[i]);
+        if (t != ignore_index && t >= 0 && t < num_classes) ++local[static_cast<size_t>(t)];
+      }
+      const std::lock_guard<std::mutex> lock(merge);
+      for (int64_t c = 0; c < num_classes; ++c) counts[static_cast<size_t>(c)] += local[static_cast<size_t>(c)];
+    });
+  });
+  double total = 0;
+  const at::Tensor w = weight.has_value() ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  for (int64_t c = 0; c < num_classes; ++c) {
+    const double count = static_cast<double>(counts[static_cast<size_t>(c)]);
+    total += w.defined() ? count * w.data_ptr<double>()[c] : count;
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fcn_fast, CPU, m) {
   m.impl("_label_bounds", &label_bounds_cpu);
   m.impl("_softmax_cross_entropy_fwd", &softmax_cross_entropy_fwd_cpu);
   m.impl("_softmax_cross_entropy_bwd", &softmax_cross_entropy_bwd_cpu);
+  m.impl("_softmax_cross_entropy_fwd_sums", &softmax_cross_entropy_fwd_sums_cpu);
+  m.impl("_ce_denominator", &ce_denominator_cpu);
 }
 
 }  // namespace fcn_fast

@@ -239,14 +239,11 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
         // incoming gradient; the per-pixel factors are hoisted out of the class loop. Ignored pixels: all 0.
         for (int64_t ox = 0; ox < out_w; ++ox) {
           const int64_t t = static_cast<int64_t>(labels[base + ox]);
-          const acc g = per_pixel ? grad_p[base + ox] : grad_p[0];
-          const bool ignored = ce_is_ignored(cfg, t);
-          const acc wt = ignored ? acc(0) : ce_class_weight(cfg, t);
-          const acc eps_c = cfg.smoothing / acc(classes);
-          label_row[ox] = ignored ? -1 : static_cast<int32_t>(t);
-          scale[ox] = ignored ? acc(0) : g * ((acc(1) - cfg.smoothing) * wt + eps_c * cfg.weight_sum);
-          target_term[ox] = g * (acc(1) - cfg.smoothing) * wt;
-          smooth[ox] = ignored ? acc(0) : g * eps_c;
+          const CeGradCoef<acc> k = ce_grad_coef(cfg, t, per_pixel ? grad_p[base + ox] : grad_p[0]);
+          label_row[ox] = ce_is_ignored(cfg, t) ? -1 : static_cast<int32_t>(t);
+          scale[ox] = k.prob_scale;
+          target_term[ox] = k.target_scale;
+          smooth[ox] = k.smooth_scale;
           pixel_lse[ox] = lse_p[base + ox];
         }
         const int64_t y0 = geo.rows.i0[oy], y1 = geo.rows.i1[oy];

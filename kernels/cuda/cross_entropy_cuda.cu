@@ -18,21 +18,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename acc_t>
-__device__ CeConfig<acc_t> device_config(const acc_t* weight, int64_t num_classes, int64_t ignore_index,
-                                         acc_t smoothing) {
-  // The weight sum only matters with smoothing; each thread sums C cached weights rather than syncing with the host.
-  const acc_t weight_sum = smoothing != acc_t(0) ? ce_weight_sum(weight, num_classes) : acc_t(num_classes);
-  return CeConfig<acc_t>{weight, weight_sum, smoothing, num_classes, ignore_index};
-}
-
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void forward_kernel(CeLayout L, const scalar_t* __restrict__ logits, const label_t* __restrict__ target,
                                const acc_t* __restrict__ weight, int64_t ignore_index, acc_t smoothing,
                                acc_t* __restrict__ loss, acc_t* __restrict__ denom, acc_t* __restrict__ lse_out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= L.n * L.s) return;
-  const CeConfig<acc_t> cfg = device_config(weight, L.c, ignore_index, smoothing);
+  const CeConfig<acc_t> cfg = make_ce_config(weight, L.c, ignore_index, smoothing);
   const int64_t n = i / L.s, p = i % L.s;
   const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
   const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
@@ -50,7 +42,7 @@ __global__ void backward_kernel(CeLayout L, const scalar_t* __restrict__ logits,
                                 scalar_t* __restrict__ grad, int64_t dn, int64_t dc, int64_t ds) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= L.n * L.s) return;
-  const CeConfig<acc_t> cfg = device_config(weight, L.c, ignore_index, smoothing);
+  const CeConfig<acc_t> cfg = make_ce_config(weight, L.c, ignore_index, smoothing);
   const int64_t n = i / L.s, p = i % L.s;
   const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
   const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);

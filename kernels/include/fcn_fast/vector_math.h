@@ -19,11 +19,12 @@ namespace fcn_fast {
 
 // float: Cephes' range reduction by ln 2 and degree-6 polynomial, about 2 ulp. Meant for x <= ~0 (z - max,
 // z - lse, never above 0 but for rounding): below -87 it returns 0 (a softmax term under 1e-38 of the largest, and
-// exactly 0 for a -inf logit, as PyTorch gives); above 88 it saturates at exp(88) instead of returning +inf, which
-// spares a compare and a blend per vector in the loops that call it. NaN stays NaN: NaN logits propagate as in
-// PyTorch.
+// exactly 0 for a -inf logit, as PyTorch gives); above 88 it saturates at exp(88) instead of returning +inf.
+// NaN stays NaN: NaN logits propagate as in PyTorch. Only the low end is clamped before the polynomial (it keeps
+// 2^n a normal float); the high end is one select after it: clamping both ends first, NaN-preserving, cost GCC
+// four compares and four blends per vector, 18% of the bfloat16 CE backward (measured).
 inline float vector_exp(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // comparisons are false for NaN: it passes
+  const float xc = x < -87.0f ? -87.0f : x;  // comparisons are false for NaN: it passes
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer n in the
   const float n = shifted - 12582912.0f;                          // low mantissa bits, no float->int conversion
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;    // x - n ln2 in two parts
@@ -40,7 +41,7 @@ inline float vector_exp(float x) {
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof scale);
   const float value = y * scale;
-  return x < -87.0f ? 0.0f : value;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? 0x1.f1056ep+126f : value);  // exp(88), rounded
 }
 
 // float64 inputs are for tests and gradcheck, not speed: keep libm's exact exp.
