@@ -62,6 +62,16 @@ struct CeAccumulator {
   static FCN_HD acc_t log_(acc_t v) { return ::log(v); }
 };
 
+// Loss of a pixel that counts (not ignored), of target weight wt. A select, not a branch, on the smoothing: loops
+// over pixels vectorize.
+template <typename acc_t>
+FCN_HD acc_t ce_counted_loss(const CeConfig<acc_t>& cfg, acc_t wt, acc_t lse, acc_t target_logit,
+                             acc_t weighted_logit_sum) {
+  const acc_t value = (acc_t(1) - cfg.smoothing) * wt * (lse - target_logit);
+  const acc_t smoothed = value + cfg.smoothing_per_class * (lse * cfg.weight_sum - weighted_logit_sum);
+  return cfg.smoothing != acc_t(0) ? smoothed : value;  // not 0 * term: that is NaN for a -inf logit
+}
+
 // Loss of one pixel and its weight in the "mean" denominator (both 0 when ignored).
 template <typename acc_t>
 FCN_HD void ce_pixel_loss(const CeConfig<acc_t>& cfg, int64_t t, acc_t lse, acc_t target_logit,
@@ -72,10 +82,7 @@ FCN_HD void ce_pixel_loss(const CeConfig<acc_t>& cfg, int64_t t, acc_t lse, acc_
     return;
   }
   const acc_t wt = ce_class_weight(cfg, t);
-  const acc_t eps = cfg.smoothing;
-  acc_t value = (acc_t(1) - eps) * wt * (lse - target_logit);
-  if (eps != acc_t(0)) value += cfg.smoothing_per_class * (lse * cfg.weight_sum - weighted_logit_sum);
-  *loss = value;
+  *loss = ce_counted_loss(cfg, wt, lse, target_logit, weighted_logit_sum);
   *denom_weight = wt;
 }
 
