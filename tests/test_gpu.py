@@ -291,6 +291,22 @@ def test_runs_on_the_current_stream(op, backend):
     _assert_equal(_on_side_stream(fn, inputs), want)
 
 
+def test_tap_tables_are_per_stream():
+    """Each stream gets its own cached tables: an evicted table is freed, and only the stream that allocated it may
+    reuse its memory safely while kernels queued on that stream still read it."""
+    from fcn_fast.ops._resample import Geometry
+
+    geometry = Geometry("deconv", (7, 9), (40, 52), 8, (3, 5), False)
+    device = torch.device("cuda")
+    rows, _ = geometry.taps(device, torch.float32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        side_rows, _ = geometry.taps(device, torch.float32)
+    assert side_rows.index.data_ptr() != rows.index.data_ptr()
+    assert torch.equal(side_rows.index, rows.index)
+    assert geometry.taps(device, torch.float32)[0] is rows
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_runs_on_the_tensors_device(op, backend):

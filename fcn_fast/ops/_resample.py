@@ -114,8 +114,12 @@ def _readers(index: torch.Tensor, weight: torch.Tensor, in_size: int) -> torch.T
 
 @functools.lru_cache(maxsize=512)
 def axis_taps(mode: str, in_size: int, out_size: int, factor: int, offset: int, align_corners: bool,
-              device: torch.device, double: bool) -> AxisTaps:
-    """Tap tables for one axis, cached per geometry and device (built on the CPU, copied once)."""
+              device: torch.device, double: bool, stream: int = 0) -> AxisTaps:
+    """Tap tables for one axis, cached per geometry, device and CUDA stream (built on the CPU, copied once).
+
+    Per stream because an evicted table is freed, and the caching allocator may hand its block at once to new work
+    on the stream that allocated it: kernels still reading it on another stream would race. Tables used only on the
+    stream that allocated them are safe (that stream runs in order)."""
     if mode == "deconv":
         index, weight = _deconv_taps(in_size, out_size, factor, offset)
     elif mode == "interp":
@@ -144,8 +148,11 @@ class Geometry:
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64
-        rows = axis_taps(self.mode, self.in_hw[0], self.out_hw[0], self.factor, self.offset[0], self.align_corners, device, double)
-        cols = axis_taps(self.mode, self.in_hw[1], self.out_hw[1], self.factor, self.offset[1], self.align_corners, device, double)
+        stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+        rows = axis_taps(self.mode, self.in_hw[0], self.out_hw[0], self.factor, self.offset[0], self.align_corners,
+                         device, double, stream)
+        cols = axis_taps(self.mode, self.in_hw[1], self.out_hw[1], self.factor, self.offset[1], self.align_corners,
+                         device, double, stream)
         return rows, cols
 
     def full_hw(self) -> Tuple[int, int]:
