@@ -137,8 +137,8 @@ def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_s
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
-# Outputs: the loss (what the public function returns), the per-pixel log-sum-exp and the "mean" denominator, both
-# kept for backward only.
+# Outputs: the loss (what the public function returns), then for backward only: the per-pixel log-sum-exp, the
+# "mean" denominator and the CPU's gradient from the forward (empty on the other backends and where none is needed).
 
 def _output_shapes(logits, target, reduction):
     loss_shape = target.shape if reduction == "none" else ()
