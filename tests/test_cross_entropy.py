@@ -481,6 +481,22 @@ def test_cpu_forward_holds_a_gradient_only_when_one_is_needed():
 
 
 @CPU_KERNELS
+def test_native_reduced_forward_guards_its_arguments():
+    """Direct torch.ops calls of the CPU-only kernels get an error, never a read out of bounds."""
+    logits, target = make_case((2, 4, 5, 6), torch.float32, "cpu")
+    flat, flat_target = logits.reshape(2, 4, 30), target.reshape(2, 30)
+    ops = torch.ops.fcn_fast
+    with pytest.raises(RuntimeError, match="weight"):
+        ops._softmax_cross_entropy_fwd_sums(flat, flat_target, torch.ones(3), IGNORE, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="target"):
+        ops._softmax_cross_entropy_fwd_sums(flat, flat_target[:, :29], None, IGNORE, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops._ce_denominator(flat_target, torch.ones(3), 4, IGNORE)
+    with pytest.raises(RuntimeError, match="num_classes"):
+        ops._ce_denominator(flat_target, None, 0, IGNORE)
+
+
+@CPU_KERNELS
 @pytest.mark.parametrize("target_dtype", [torch.int64, torch.uint8])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_native_denominator_matches_torch(target_dtype, weighted):
