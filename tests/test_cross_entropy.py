@@ -455,6 +455,25 @@ def test_cpu_gradient_from_the_forward_is_the_recomputed_one(reduction, dtype, l
 
 
 @CPU_KERNELS
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_results_do_not_depend_on_the_thread_count(reduction):
+    """Partial sums per fixed 512-pixel block, added in order: the same loss and gradient bits on 1 or 2 threads."""
+    logits, target = make_case((2, 7, 45, 47), torch.float32, "cpu")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            z = logits.clone().requires_grad_()
+            loss = fcn_fast.softmax_cross_entropy(z, target, reduction=reduction, label_smoothing=0.1, backend="cpu")
+            loss.backward(torch.ones_like(loss))
+            results.append((loss.detach(), z.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@CPU_KERNELS
 def test_cpu_loss_is_the_same_with_and_without_a_gradient():
     logits, target = make_case((2, 5, 30, 31), torch.float32, "cpu")
     with torch.no_grad():
