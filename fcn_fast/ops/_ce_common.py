@@ -90,16 +90,17 @@ def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reductio
     return total / denom_weight.sum()
 
 
-def make_loss_backward(backward_op):
+def make_loss_backward(backward_op, handed_on=lambda ctx: ()):
     """The autograd backward of a fused loss whose setup_context saved (input, target, weight, lse, denom) and set
     ``ctx.args`` (the backward op's arguments after those tensors) and ``ctx.num_args`` (how many inputs the forward
     took). ``backward_op`` is the custom backward op (the registered autograd) or its implementation (the eager
-    Function, fcn_fast/ops/_eager.py)."""
+    Function, fcn_fast/ops/_eager.py). ``handed_on(ctx)`` gives tensors kept on ctx apart from the saved ones, passed
+    after them."""
 
     def backward(ctx, grad, *_grads_of_saved_outputs):
         grad_input = None
         if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
-            grad_input = backward_op(grad, *ctx.saved_tensors, *ctx.args)
+            grad_input = backward_op(grad, *ctx.saved_tensors, *handed_on(ctx), *ctx.args)
         return grad_input, *([None] * (ctx.num_args - 1))
 
     return backward

@@ -120,6 +120,11 @@ _BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": 
              "triton": _triton_backward}
 
 
+def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The gradient of every pixel's loss of a reduced loss, from the loss's gradient (in the accumulate dtype)."""
+    return loss_grad / denom_total if reduction == "mean" else loss_grad
+
+
 def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
     """A reduced loss on the CPU: (loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
 
@@ -127,9 +132,8 @@ def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_s
     one pass over the labels, because the gradient it writes already carries 1 / denominator."""
     acc = _acc_dtype(flat_logits.dtype)
     denom_total = torch.ops.fcn_fast._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
-    pixel_grad = None
-    if need_grad:  # the gradient of every pixel's loss for a loss gradient of 1, computed as _backward computes it
-        pixel_grad = float(torch.ones((), dtype=acc) / denom_total) if reduction == "mean" else 1.0
+    # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
+    pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
     loss_sums, lse, grad = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
         flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
     loss = loss_sums.sum()
@@ -189,7 +193,7 @@ def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, igno
     if flat_logits.numel() == 0:
         return torch.zeros_like(logits)
     grad = grad.to(lse.dtype)
-    pixel_grad = grad / denom_total if reduction == "mean" else grad  # of every pixel's loss, for a reduced loss
+    pixel_grad = _pixel_grad(grad, denom_total, reduction)
     if backend == "cpu" and reduction != "none":
         # The forward's gradient is the one for an incoming gradient of exactly 1 (loss.backward()). Any other (a
         # scaled loss, a sum of losses, a retained graph's second backward) runs the same sweeps again with its own
@@ -246,20 +250,21 @@ def _eager_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output, keep_forward_grad_apart=True)
 
 
-def _eager_backward(ctx, grad, *_grads_of_saved_outputs):
-    forward_grad, ctx.forward_grad = ctx.forward_grad, None
-    grad_input = None
-    if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
-        forward_grad = forward_grad if forward_grad is not None else _NO_FORWARD_GRAD
-        grad_input = _backward(grad, *ctx.saved_tensors, forward_grad, *ctx.args, copy_forward_grad=False)
-    return grad_input, *([None] * (ctx.num_args - 1))
+def _take_forward_grad(ctx):
+    forward_grad, ctx.forward_grad = ctx.forward_grad, _NO_FORWARD_GRAD  # handed on once
+    return (forward_grad,)
+
+
+def _eager_backward_impl(*args):
+    return _backward(*args, copy_forward_grad=False)
 
 
 _NO_FORWARD_GRAD = torch.empty(0)
 _softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
-    "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context, _eager_backward)
+    "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context,
+    _ce_common.make_loss_backward(_eager_backward_impl, handed_on=_take_forward_grad))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
