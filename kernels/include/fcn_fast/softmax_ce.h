@@ -21,7 +21,7 @@ struct CeConfig {
   const acc_t* class_weight;   // nullptr: all 1
   acc_t weight_sum;            // sum of class_weight (C when none, or without smoothing, the one term that needs it)
   acc_t smoothing;
-  acc_t smoothing_per_class;   // smoothing / C, once: a division per pixel was 6% of the bfloat16 CPU backward
+  acc_t smoothing_per_class;   // smoothing / C, once: a division per pixel showed in 6% of a CPU profile's samples
   int64_t num_classes;
   int64_t ignore_index;
 };
