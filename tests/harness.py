@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import List
 
 import pytest
@@ -51,3 +53,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     if actual.device != expected.device:
         actual, expected = actual.cpu(), expected.cpu()
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
+
+
+# Peer libraries the test extra installs (torchvision, segmentation_models_pytorch, onnx, onnxscript, onnxruntime).
+# Required: a missing one fails the run, unless this variable names it (comma-separated top-level names, or "all"),
+# for an environment that legitimately cannot install it (e.g. a CI leg on a torch that no torchvision matches).
+OPTIONAL_PEERS_ENV = "FCN_FAST_OPTIONAL_PEERS"
+
+
+def peer(module: str):
+    """Import a peer library for a test module: an ImportError fails the run, or skips the module when
+    FCN_FAST_OPTIONAL_PEERS lists the library."""
+    optional = {name.strip() for name in os.environ.get(OPTIONAL_PEERS_ENV, "").split(",") if name.strip()}
+    top = module.split(".")[0]
+    if top in optional or "all" in optional:
+        return pytest.importorskip(module, reason=f"{top} is not installed ({OPTIONAL_PEERS_ENV} allows that here)")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{exc}: the test extra installs it (pip install -e '.[test]'); set {OPTIONAL_PEERS_ENV}="
+                          f"{top} where it cannot be installed") from exc

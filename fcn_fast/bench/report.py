@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fcn_fast.bench.cases import is_model
+
 SCHEMA = 1
 
 
@@ -159,7 +161,7 @@ def markdown(doc: dict) -> str:
         "## Summary: the fastest fcn_fast backend", ""] + summary(doc) + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
-        model = op == "fcn8s"
+        model = is_model(op)
         out += [f"## {op}", ""]
         if any(r["status"] == "ok" for r in mine):
             out += ["| case | dtype | mode | provider | median ms [p20–p80] | × eager | × compile | "

@@ -25,7 +25,7 @@ def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners, op
     factor = check_int(op, "factor", factor, minimum=1)
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    h, w = int(x.shape[-2]), int(x.shape[-1])
+    h, w = x.shape[-2], x.shape[-1]
     offset = check_pair(op, "offset", offset, minimum=0)
     if mode == "deconv":
         full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
@@ -43,7 +43,7 @@ def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners, op
         out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
     if mode == "deconv" and align_corners:
         raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-    return Geometry(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
+    return Geometry(mode, (h, w), (out[0], out[1]), factor, offset, bool(align_corners))
 
 
 def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
