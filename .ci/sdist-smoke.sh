@@ -30,6 +30,11 @@ mkdir "$work/src"
 tar -xzf "$sdist" -C "$work/src"
 src="$(ls -d "$work"/src/fcn_fast-*)"
 python -m venv --system-site-packages "$work/venv"
+# Python 3.11's venv brings its own old setuptools (65), which shadows the system's and cannot build a wheel without
+# the separate `wheel` package; build with the setuptools the main build used (Python >= 3.12 venvs bring none).
+if compgen -G "$work/venv/lib/python*/site-packages/setuptools" >/dev/null; then
+    "$work/venv/bin/python" -m pip uninstall -y -q setuptools
+fi
 export FCN_FAST_BUILD_CUDA="${SDIST_SMOKE_CUDA:-0}"
 unset FCN_FAST_MARCH
 (cd "$work" && MAX_JOBS="${MAX_JOBS:-2}" "$work/venv/bin/python" -m pip wheel -v --no-build-isolation --no-deps \
