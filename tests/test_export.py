@@ -20,9 +20,13 @@ from fcn_fast.checkpoint import FORMAT, model_spec, save_atomic
 from fcn_fast.cli import main
 from fcn_fast.export import Labels, export_onnx, export_program, load_pt2, onnx_session, onnx_translation_table, save_pt2
 
-onnxruntime = peer("onnxruntime")
-onnxscript = peer("onnxscript")
-peer("onnx")
+
+
+@pytest.fixture
+def onnx_peers():
+    """The ONNX tests need onnx, onnxscript and onnxruntime (the test extra installs them); the .pt2 tests do not."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        peer(module)
 
 
 def _model(name: str, **options) -> nn.Module:
@@ -81,7 +85,7 @@ def test_fcn_fast_labels_pt2_dynamic(tmp_path):
             assert torch.equal(program.module()(x), model.predict(x))
 
 
-def test_export_used_to_specialize_the_size():
+def test_named_dynamic_dims_stay_symbolic():
     """The public ops read sizes without int(): an export with named dynamic dims keeps H and W symbolic."""
     model = _model("fcn8s_resnet50", width=1 / 8)
     program = torch.export.export(model, (_images((64, 80)),),
@@ -184,7 +188,7 @@ OPS = [  # (id, fn(a, b), inputs per size: the first traces)
 
 
 @pytest.mark.parametrize("fn, inputs", [pytest.param(fn, inputs, id=name) for name, fn, inputs in OPS])
-def test_onnx_translation_of_each_op(fn, inputs, tmp_path):
+def test_onnx_translation_of_each_op(fn, inputs, tmp_path, onnx_peers):
     gen = torch.Generator().manual_seed(0)
     example = inputs[0](gen)
     dims = tuple({i: D for i in range(1, t.dim()) if i != 1 or t.dim() == 3} for t in example)
@@ -227,7 +231,7 @@ def _onnx_matches(session, model, sizes, labels=False):
 @pytest.mark.parametrize("name, options", [
     pytest.param(*p.values, id=p.id, marks=p.marks or ([pytest.mark.slow] if p.id == "fcn8s_resnet50" else []))
     for p in MODELS])
-def test_fcn_fast_model_onnx_dynamic(name, options, tmp_path):
+def test_fcn_fast_model_onnx_dynamic(name, options, tmp_path, onnx_peers):
     model = _model(name, **options)
     path = export_onnx(model, _images(SIZES[0], n=2), str(tmp_path / "model.onnx"))
     session = onnx_session(path)
@@ -236,7 +240,7 @@ def test_fcn_fast_model_onnx_dynamic(name, options, tmp_path):
     _onnx_matches(session, model, SIZES)
 
 
-def test_fused_torchvision_onnx_dynamic(tmp_path):
+def test_fused_torchvision_onnx_dynamic(tmp_path, onnx_peers):
     segmentation = peer("torchvision.models.segmentation")
     from fcn_fast.integrations import fuse
 
@@ -249,7 +253,7 @@ def test_fused_torchvision_onnx_dynamic(tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_smp_onnx_dynamic(tmp_path):
+def test_fused_smp_onnx_dynamic(tmp_path, onnx_peers):
     smp = peer("segmentation_models_pytorch")
     from fcn_fast.integrations import fuse
 
@@ -270,7 +274,7 @@ def checkpoint(tmp_path_factory):
     return path, model
 
 
-def test_cli_export_pt2_and_onnx(checkpoint, capsys, tmp_path):
+def test_cli_export_pt2_and_onnx(checkpoint, capsys, tmp_path, onnx_peers):
     path, model = checkpoint
     assert main(["export", path, "--format", "pt2", "--size", "64", "80"]) == 0
     out, _ = capsys.readouterr()
