@@ -1,10 +1,13 @@
 """Backend registry and selection.
 
-Every op runs on one of four backends:
-  reference  plain PyTorch, the ground truth; runs anywhere
-  cpu        the C++/OpenMP kernels of fcn_fast._C; CPU tensors
-  cuda       the CUDA kernels of fcn_fast._C; CUDA tensors
-  triton     Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow: for tests)
+Every op runs on one of these backends:
+  reference      plain PyTorch, the ground truth; runs anywhere
+  cpu            the C++/OpenMP kernels of fcn_fast._C; CPU tensors
+  cuda           the CUDA kernels of fcn_fast._C; CUDA tensors
+  triton         Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow: for tests)
+  cuda_emulated  the CUDA kernels' own source run on CPU tensors by an emulated CUDA execution model
+                 (fcn_fast._C_emu, built with FCN_FAST_BUILD_EMULATED=1; slow: for tests, docs/emulator.md). Never
+                 chosen automatically.
 
 The backend for a call is, in order: the op's ``backend=`` argument, the innermost ``use_backend(...)`` block, the
 ``FCN_FAST_BACKEND`` environment variable, then the default for the tensor's device (the first available of
@@ -24,7 +27,7 @@ import torch
 
 from fcn_fast import _extension
 
-BACKENDS: Tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
+BACKENDS: Tuple[str, ...] = ("reference", "cpu", "cuda", "triton", "cuda_emulated")
 
 # Fastest first, per device type; measured in benchmarks/results (see the README's tables).
 DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
@@ -84,6 +87,9 @@ def _status(name: str) -> BackendStatus:
         if triton_interpreted():
             return BackendStatus(name, True, "Triton interpreter (TRITON_INTERPRET=1), CPU tensors; slow")
         return BackendStatus(name, False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)")
+    if name == "cuda_emulated":
+        err = _extension.emulated_load_error()
+        return BackendStatus(name, err is None, err or "CUDA kernels on an emulated CUDA execution model, CPU tensors; slow")
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 
@@ -95,7 +101,7 @@ def available_backends() -> Dict[str, BackendStatus]:
 def _runs_on(name: str, device_type: str) -> bool:
     if name == "reference":
         return True
-    if name == "cpu":
+    if name in ("cpu", "cuda_emulated"):
         return device_type == "cpu"
     if name == "cuda":
         return device_type == "cuda"

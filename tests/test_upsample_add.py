@@ -350,7 +350,7 @@ def test_module_repr_and_forward():
 
 def test_available_backends():
     status = fcn_fast.available_backends()
-    assert list(status) == ["reference", "cpu", "cuda", "triton"]
+    assert list(status) == ["reference", "cpu", "cuda", "triton", "cuda_emulated"]
     assert status["reference"].available
     for name, s in status.items():
         assert s.name == name and isinstance(s.reason, str) and s.reason

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fcn_fast import _backends
+from fcn_fast import _backends, _emulator
 from fcn_fast._validation import check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
 
@@ -94,13 +94,12 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 # forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 
-def _native_forward(logits, target, weight, ignore_index, label_smoothing):
-    return torch.ops.fcn_fast._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+def _native_forward(logits, target, weight, ignore_index, label_smoothing, ops=torch.ops.fcn_fast):
+    return ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
 
 
-def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
-    return torch.ops.fcn_fast._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
-                                                         label_smoothing)
+def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing, ops=torch.ops.fcn_fast):
+    return ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
 
 
 def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
@@ -115,9 +114,10 @@ def _triton_backward(grad_pixels, logits, target, lse, weight, ignore_index, lab
     return triton_cross_entropy.backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
+_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
+            "cuda_emulated": _emulator.entry(_native_forward)}
 _BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward}
+             "triton": _triton_backward, "cuda_emulated": _emulator.entry(_native_backward)}
 
 
 def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from fcn_fast import _backends
+from fcn_fast import _backends, _emulator
 from fcn_fast._validation import check_int, check_pair, check_same, check_tensor, describe
 from fcn_fast.ops import _eager
 from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsample_reference,
@@ -96,15 +96,16 @@ def _reference_backward(grad, geometry: Geometry, x_shape, skip_shape, skip_offs
 
 # ---- backend implementations: (x, skip, geometry, skip_offset, skip_scale) -> out --------------------------------
 
-def _native_forward(x, skip, geometry, skip_offset, skip_scale):
+def _native_forward(x, skip, geometry, skip_offset, skip_scale, ops=torch.ops.fcn_fast):
     rows, cols = geometry.taps(x.device, x.dtype)
-    return torch.ops.fcn_fast._upsample_add_fwd(
+    return ops._upsample_add_fwd(
         x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
 
 
-def _native_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+def _native_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip,
+                     ops=torch.ops.fcn_fast):
     rows, cols = geometry.taps(grad.device, grad.dtype)
-    grad_x, grad_skip = torch.ops.fcn_fast._upsample_add_bwd(
+    grad_x, grad_skip = ops._upsample_add_bwd(
         grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
         x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
         need_x, need_skip)
@@ -123,8 +124,10 @@ def _triton_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scal
     return triton_upsample_add.backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward, "triton": _triton_backward}
+_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
+            "cuda_emulated": _emulator.entry(_native_forward)}
+_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward, "triton": _triton_backward,
+             "cuda_emulated": _emulator.entry(_native_backward)}
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------

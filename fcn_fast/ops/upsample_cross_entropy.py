@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from fcn_fast import _backends
+from fcn_fast import _backends, _emulator
 from fcn_fast._validation import check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
@@ -93,23 +93,24 @@ def _reference_argmax(coarse, geometry, dtype):
 
 # ---- native (cpu, cuda) and triton ---------------------------------------------------------------------------------
 
-def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
+def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel, ops=torch.ops.fcn_fast):
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_cross_entropy_fwd(
+    return ops._upsample_cross_entropy_fwd(
         coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
         per_pixel)
 
 
-def _native_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
+def _native_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing,
+                     ops=torch.ops.fcn_fast):
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_cross_entropy_bwd(
+    return ops._upsample_cross_entropy_bwd(
         grad_pixel, coarse, target, weight, lse, rows.index, rows.weight, rows.readers, cols.index, cols.weight,
         cols.readers, ignore_index, label_smoothing)
 
 
-def _native_argmax(coarse, geometry, dtype):
+def _native_argmax(coarse, geometry, dtype, ops=torch.ops.fcn_fast):
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
+    return ops._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
 
 
 def _triton_forward(*args):
@@ -130,10 +131,12 @@ def _triton_argmax(*args):
     return triton_upsample_cross_entropy.argmax(*args)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
+_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
+            "cuda_emulated": _emulator.entry(_native_forward)}
 _BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward}
-_ARGMAX = {"reference": _reference_argmax, "cpu": _native_argmax, "cuda": _native_argmax, "triton": _triton_argmax}
+             "triton": _triton_backward, "cuda_emulated": _emulator.entry(_native_backward)}
+_ARGMAX = {"reference": _reference_argmax, "cpu": _native_argmax, "cuda": _native_argmax, "triton": _triton_argmax,
+           "cuda_emulated": _emulator.entry(_native_argmax)}
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
