@@ -54,9 +54,9 @@ def options(*, schedule: Optional[str] = None, max_blocks: Optional[int] = None,
 
 
 def stats() -> dict:
-    """Counters since fcn_fast._C_emu loaded: kernel launches, blocks, threads, barriers passed, and launches that
-    took the int32 and the int64 index path."""
-    keys = ("launches", "blocks", "threads", "barriers", "int32_launches", "int64_launches")
+    """Counters since fcn_fast._C_emu loaded: kernel launches, blocks, threads, barriers passed, and the index-width
+    choices (one per kernel, or per group of kernels launched together) that took int32 and int64."""
+    keys = ("launches", "blocks", "threads", "barriers", "int32_choices", "int64_choices")
     return dict(zip(keys, ops()._emulator_stats()))
 
 
