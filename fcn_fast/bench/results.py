@@ -178,7 +178,7 @@ def select(results: Results, selector: str, set_filter: Optional[str] = None) ->
         by_key[row_key(r)] = r  # the latest wins
     clash = {row_key(r) for r in rows if r["set"] != by_key[row_key(r)]["set"]}
     if clash:
-        sets = sorted({r["set"] for r in rows})
+        sets = sorted({r["set"] for r in rows if row_key(r) in clash})
         raise ValueError(f"{selector!r} matches the same cases in several sets ({', '.join(sets)}): add --set")
     order = {id(r): i for i, r in enumerate(rows)}
     return sorted(by_key.values(), key=lambda r: order[id(r)]), selector
