@@ -133,3 +133,20 @@ def test_ddp_two_gloo_processes_equal_one_process(data, tmp_path):
     with open(os.path.join(ddp_out, "config.json")) as f:
         assert json.load(f)["world_size"] == 2
     assert 0 <= a["train"]["history"][-1]["mean_iu"] <= 1
+
+
+def test_evaluating_during_training_leaves_the_training_unchanged(data, tmp_path):
+    # The demo evaluates every few epochs to draw its curves and reports the same scores as without: evaluation
+    # must draw no random numbers (dropout and loss sampling here would see them) and leave the weights alone.
+    runs = {}
+    for every in (0, 1):
+        out = str(tmp_path / f"every{every}")
+        runs[every] = train(TrainConfig(out=out, data=data, epochs=3, dropout=0.5, loss_sampling=0.2,
+                                        eval_every=every, **SMALL))
+        with open(os.path.join(out, "metrics.json")) as f:
+            assert sum(r.get("mean_iu") is not None for r in json.load(f)) == (3 if every else 1)
+    weights = [load_checkpoint(runs[every]["checkpoint"])["state_dict"] for every in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert runs[0]["final"] == runs[1]["final"]
