@@ -22,9 +22,12 @@ PY
 python -m venv "$root/venv"
 py="$PWD/$root/venv/bin/python"
 "$py" -m pip install -q "torch==$torch_version" "setuptools>=64" wheel
+echo "torch $torch_version leg: environment ready after $((SECONDS - start)) s"
 cd "$root/src"
 # The backends this leg must have: the first leg's less triton (not installed) and cuda (no CUDA in this torch).
 export FCN_FAST_REQUIRE_BACKENDS=cpu
 "$py" -c "import torch; assert torch.__version__.startswith('$torch_version'), torch.__version__; print('torch', torch.__version__)"
-MAX_JOBS=2 "$py" -m pip install -q --no-build-isolation -e '.[test]' && "$py" -m pytest -q -m "not slow" --timeout=900
+MAX_JOBS=2 "$py" -m pip install -q --no-build-isolation -e '.[test]'
+echo "torch $torch_version leg: built after $((SECONDS - start)) s"
+"$py" -m pytest -q -m "not slow" --timeout=900
 echo "torch $torch_version leg: $((SECONDS - start)) s"

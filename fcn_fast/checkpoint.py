@@ -90,19 +90,27 @@ def model_spec(name: str, num_classes: int, options: Dict[str, Any]) -> Dict[str
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    # torch.save writes a zip archive whose directory comes last: a truncated file has none.
+    # torch.save writes a zip archive whose directory comes last (a truncated file has none) and a CRC-32 of every
+    # record, which torch.load does not check: damaged tensor data would load silently.
     if not zipfile.is_zipfile(path):
         raise UserError(f"cannot read checkpoint {path}: it is not a whole torch.save archive (truncated, damaged or "
                         f"another kind of file; {os.path.getsize(path)} bytes)")
     try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # zipfile raises several types for a damaged archive
+        raise UserError(f"cannot read checkpoint {path}: it is damaged ({type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise UserError(f"cannot read checkpoint {path}: it is damaged (its record {bad} fails its checksum)")
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # weights_only refused an object: something other than a checkpoint of tensors and plain data, or damage.
+    except pickle.UnpicklingError:  # weights_only refused an object
         raise UserError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and plain data "
-                        f"(an fcn_fast checkpoint holds none), or it is damaged. It was not loaded: unpickling such "
-                        f"objects can run arbitrary code") from None
+                        f"(an fcn_fast checkpoint holds none); it was not loaded, since unpickling them can run "
+                        f"arbitrary code") from None
     except Exception as exc:  # torch.load raises many types for a damaged archive
-        raise UserError(f"cannot read checkpoint {path}: it is damaged ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: it is damaged ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an fcn_fast checkpoint (written by fcn-fast train)")
     return ckpt

@@ -604,11 +604,11 @@ def _stop(t: Trainer, state: TrainState, what: str) -> None:
     if state.saved_step is None:
         kept = "No checkpoint had been written yet: start again with a lower --lr, or with --skip-nonfinite."
     else:
-        also = f" and {best}" if os.path.isfile(best) else ""
-        kept = (f"Nothing after step {state.saved_step} was saved: {last} (step {state.saved_step}){also} hold the "
-                f"last good weights. `fcn-fast train --out {out} --resume` continues from there and meets the same "
-                f"loss again unless you add --skip-nonfinite (skip such steps); or start a new run from those weights "
-                f"with a lower --lr (--init-from {last}).")
+        also = f" (and the best so far in {best})" if os.path.isfile(best) else ""
+        kept = (f"Nothing after step {state.saved_step} was saved: the last good weights are in {last} (step "
+                f"{state.saved_step}){also}. `fcn-fast train --out {out} --resume` continues from there and meets the "
+                f"same loss again unless you add --skip-nonfinite (skip such steps); or start a new run from those "
+                f"weights with a lower --lr (--init-from {last}).")
     message = f"{what}: training stopped. {kept}"
     t.folder.log(message, echo=None)
     raise NonFiniteLoss(message)
@@ -635,9 +635,10 @@ def _end_epoch(t: Trainer, state: TrainState, epoch: int) -> None:
     if state.skipped:
         row["skipped_steps"] = state.skipped
     state.history.append(row)
+    skipped = f"  ({state.skipped} steps skipped so far)" if state.skipped else ""
     t.folder.log(f"{cfg.model} epoch {epoch + 1}/{t.epochs}  step {state.step}  loss {row['train_loss']:.4f}  "
                  f"pixel acc {_fmt(row.get('pixel_acc'))}  mean IU {_fmt(row.get('mean_iu'))}  "
-                 f"({state.elapsed:.1f} s)", echo=tqdm.write if cfg.progress else print)
+                 f"({state.elapsed:.1f} s){skipped}", echo=tqdm.write if cfg.progress else print)
     improved = row.get("mean_iu") is not None and row["mean_iu"] > state.best
     if improved:
         state.best = row["mean_iu"]
