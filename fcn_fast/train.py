@@ -107,7 +107,8 @@ def _fill_runtime(cfg: TrainConfig, saved: Optional[TrainConfig]) -> TrainConfig
     for name, default in RESUMED_UNLESS_GIVEN.items():
         keep = saved is not None and not (name in ("epochs", "steps") and length_given)
         if getattr(cfg, name) is None:
-            fill[name] = getattr(saved, name) if keep else default
+            value = getattr(saved, name) if keep else None
+            fill[name] = default if value is None else value  # (checkpoints older than a field lack it)
     return dataclasses.replace(cfg, **fill)
 
 
@@ -314,6 +315,7 @@ class Trainer:
     ddp: Dist
     device: torch.device
     folder: RunFolder
+    data: str  # the data set's folder
     model: nn.Module
     objective: nn.Module  # the model and its loss, wrapped by DDP and torch.compile when asked
     optimizer: torch.optim.Optimizer
@@ -344,15 +346,16 @@ def train(cfg: TrainConfig, *, hooks: Optional[Dict[str, Callable]] = None) -> D
 
 
 def _train(cfg: TrainConfig, hooks, ddp: Dist, device: torch.device) -> Dict[str, Any]:
+    """The run: set up, then epochs of steps, each epoch ending with its evaluation and checkpoints."""
     cfg, resumed = _open_run(cfg, ddp, device)
     t = _setup(cfg, ddp, device, resumed)
     state = _start(t, resumed)
-    start_epoch, skip = divmod(state.step, t.per_epoch)
+    start_epoch, steps_done = divmod(state.step, t.per_epoch)  # a resumed run may start part-way through an epoch
     for epoch in range(start_epoch, t.epochs):
         if state.step >= t.total:
             break
-        _train_epoch(t, state, epoch, skip, hooks)
-        skip = 0
+        _train_epoch(t, state, epoch, steps_done, hooks)
+        steps_done = 0
         _end_epoch(t, state, epoch)
     return _finish(t, state)
 
@@ -437,7 +440,7 @@ def _setup(cfg: TrainConfig, ddp: Dist, device: torch.device, resumed: Optional[
     if cfg.compile:
         objective = torch.compile(objective)
     lr = resolved_lr(cfg)
-    return Trainer(cfg=cfg, ddp=ddp, device=device, folder=folder, model=model, objective=objective,
+    return Trainer(cfg=cfg, ddp=ddp, device=device, folder=folder, data=data, model=model, objective=objective,
                    optimizer=_optimizer(model, cfg, lr),
                    scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
                    train_set=train_set, val_set=val_set, sampler=sampler, loader=loader,
@@ -480,8 +483,8 @@ def _start(t: Trainer, resumed: Optional[Dict[str, Any]]) -> TrainState:
         # Each process its own stream for dropout and loss sampling (the model init above is common to all).
         torch.manual_seed(cfg.seed + 1 + ddp.rank)
         if ddp.main:
-            write_json(t.folder.config, {**dataclasses.asdict(cfg), "data": cfg.data or os.path.join(cfg.out, "data"),
-                                         "lr": t.lr, "num_classes": t.num_classes, "world_size": ddp.world,
+            write_json(t.folder.config, {**dataclasses.asdict(cfg), "data": t.data, "lr": t.lr,
+                                         "num_classes": t.num_classes, "world_size": ddp.world,
                                          "input_transform": t.model.input_transform})
         t.folder.log(f"{cfg.model}: {sum(p.numel() for p in t.model.parameters()):,} parameters, "
                      f"{t.num_classes} classes, {len(t.train_set)} training images, {t.total} steps "
@@ -491,14 +494,14 @@ def _start(t: Trainer, resumed: Optional[Dict[str, Any]]) -> TrainState:
 
 # ---- training steps ------------------------------------------------------------------------------------------------
 
-def _train_epoch(t: Trainer, state: TrainState, epoch: int, skip: int, hooks) -> None:
-    """Steps through ``epoch`` from its ``skip``-th batch to its end (or the run's), with the logging window's
-    loss, mid-epoch checkpoints and the hooks."""
+def _train_epoch(t: Trainer, state: TrainState, epoch: int, steps_done: int, hooks) -> None:
+    """Steps through ``epoch`` from the batch after its first ``steps_done`` to its end (or the run's), with the
+    logging window's loss, mid-epoch checkpoints and the hooks."""
     cfg = t.cfg
-    t.sampler.set_epoch(epoch, skip=skip * cfg.batch_size)
+    t.sampler.set_epoch(epoch, skip=steps_done * cfg.batch_size)
     t.train_set.set_epoch(epoch)
     steps_here = min(t.per_epoch, t.total - epoch * t.per_epoch)
-    bar = tqdm(total=steps_here, initial=skip, desc=f"{cfg.model} epoch {epoch + 1}/{t.epochs}", unit="step",
+    bar = tqdm(total=steps_here, initial=steps_done, desc=f"{cfg.model} epoch {epoch + 1}/{t.epochs}", unit="step",
                disable=not (cfg.progress and t.ddp.main), dynamic_ncols=True, leave=False)
     t0, images = time.perf_counter(), 0
     state.clock = t0  # the time between epochs (checkpoints, metrics, plots) is not the run's

@@ -93,6 +93,18 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     _assert_same_run(full["checkpoint"], resumed["checkpoint"])
 
 
+def test_resume_keeps_the_runs_length_and_intervals_unless_given(data, tmp_path):
+    out = str(tmp_path / "run")
+    train(TrainConfig(out=out, data=data, steps=2, checkpoint_every=1, val_split=None, **SMALL))
+    again = {k: v for k, v in SMALL.items() if k != "log_every"}
+    assert train(TrainConfig(out=out, resume=True, **again))["steps"] == 2  # done: nothing more
+    assert train(TrainConfig(out=out, resume=True, steps=3, **again))["steps"] == 3
+    config = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["train"]["config"]
+    assert (config["steps"], config["checkpoint_every"], config["log_every"]) == (3, 1, 2)
+    with pytest.raises(UserError, match="--log-every must be at least 1"):
+        train(TrainConfig(out=out, resume=True, log_every=0, **again))
+
+
 def _assert_same_run(path_a, path_b) -> None:
     """Two runs' checkpoints hold bitwise the same weights, optimiser state, RNG state, history and loss trace."""
     a, b = load_checkpoint(str(path_a)), load_checkpoint(str(path_b))
