@@ -30,11 +30,10 @@ SMALL = dict(width=1 / 16, geometry="same", optimizer="adamw", lr=2e-3, loss_red
 LR_DDP, ATOL_DDP = "0.01", 1e-5
 
 
-def _cli(args, *, env=None, **kwargs) -> subprocess.CompletedProcess:
+def _cli(args, *, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python ARGS`` (e.g. -m fcn_fast.cli train ...) in the repository, one thread per process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _free_port() -> int:
@@ -241,13 +240,13 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoints(tmp_
     # 2 training images make an epoch, with its evaluation and checkpoints, every 2 steps.
     data = make_synthetic(str(tmp_path / "data"), train=2, val=1, size=(48, 48), seed=1)
     args = ["train", "--data", data, "--model", "fcn32s", "--width", "0.0625", "--geometry", "same", "--dropout", "0",
-            "--optimizer", "sgd", "--loss-reduction", "sum", "--lr", "1e-3", "--steps", "12", *RUNTIME]
+            "--optimizer", "sgd", "--loss-reduction", "sum", "--lr", "1e-3", "--steps", "6", *RUNTIME]
     out = tmp_path / "run"
     proc = _cli(["-m", "fcn_fast.cli", *args, "--out", str(out)])
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcn-fast train: error: non-finite loss"), proc.stderr[-3000:]
-    found = re.search(r"non-finite loss \((nan|inf|-inf)\) at step (\d+) of 12: training stopped", lines[0])
+    found = re.search(r"non-finite loss \((nan|inf|-inf)\) at step (\d+) of 6: training stopped", lines[0])
     assert found, lines[0]
     bad = int(found.group(2))
     assert bad > 2, "the loss must stay finite through the first epoch for this test to mean anything"
@@ -267,7 +266,7 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoints(tmp_
     assert first and int(first.group(1)) == bad, printed
     with open(skipped / "summary.json") as f:
         summary = json.load(f)
-    assert summary["steps"] == 12 and summary["skipped_steps"] >= 1
+    assert summary["steps"] == 6 and summary["skipped_steps"] >= 1
     assert _all_finite(skipped / "checkpoints" / "last.pt")
 
     # The stopped run resumes with --skip-nonfinite, as its message says, to the same end.
@@ -305,3 +304,19 @@ def test_damaged_checkpoints_get_a_clear_message_and_are_not_loaded(data, tmp_pa
     os.replace(truncated, os.path.join(os.path.dirname(run["checkpoint"]), "last.pt"))
     assert main(["train", "--out", run["run"], "--resume", *RUNTIME]) == 1
     assert "it is not a whole torch.save archive" in capsys.readouterr().err
+
+
+def test_ddp_processes_stop_together_at_a_nonfinite_loss(tmp_path):
+    # Each process checks the flags of all (an all-reduce at the check): none may stop alone and leave the others
+    # waiting in the next gradient all-reduce.
+    data = make_synthetic(str(tmp_path / "data"), train=4, val=1, size=(48, 48), seed=1)
+    out = tmp_path / "ddp"
+    proc = _cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                 "-m", "fcn_fast.cli", "train", "--data", data, "--model", "fcn32s", "--width", "0.0625", "--geometry",
+                 "same", "--dropout", "0", "--optimizer", "sgd", "--lr", "1e-3", "--steps", "12", "--device", "cpu",
+                 "--out", str(out), *RUNTIME], timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fcn-fast train: error: non-finite loss")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # both processes, at the same step
+    assert len({re.search(r"at step (\d+)", line).group(1) for line in errors}) == 1
+    assert _all_finite(out / "checkpoints" / "last.pt")
