@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fcn_fast import _extension
-from fcn_fast._backends import available_backends
+from fcn_fast._backends import BACKENDS, available_backends
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -31,10 +31,10 @@ def device_for(backend: str) -> torch.device:
 
 
 def backend_params(include_reference: bool = True) -> List:
-    """pytest params for every backend, each skipped with the reason it is unavailable here."""
+    """pytest params for every registered backend, each skipped with the reason it is unavailable here."""
     status = available_backends()
     params = []
-    for name in ("reference", "cpu", "cuda", "triton", "cuda_emulated"):
+    for name in BACKENDS:
         if name == "reference" and not include_reference:
             continue
         # The emulated CUDA kernels are skipped only when they were not built (FCN_FAST_BUILD_EMULATED=1): a build that
