@@ -9,7 +9,8 @@ from typing import List
 import pytest
 import torch
 
-from fcn_fast._backends import available_backends
+from fcn_fast import _extension
+from fcn_fast._backends import BACKENDS, available_backends
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -25,20 +26,23 @@ DTYPES = list(TOLERANCES)
 
 def device_for(backend: str) -> torch.device:
     """The device a backend is tested on: cuda and triton on the GPU when there is one; triton on the CPU through
-    its interpreter otherwise."""
+    its interpreter otherwise; cuda_emulated (the CUDA kernels on an emulated execution model) on the CPU."""
     if backend == "cuda" or (backend == "triton" and HAS_CUDA):
         return torch.device("cuda")
     return torch.device("cpu")
 
 
 def backend_params(include_reference: bool = True) -> List:
-    """pytest params for every backend, each skipped with the reason it is unavailable here."""
+    """pytest params for every registered backend, each skipped with the reason it is unavailable here."""
     status = available_backends()
     params = []
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in BACKENDS:
         if name == "reference" and not include_reference:
             continue
-        marks = [pytest.mark.skipif(not status[name].available, reason=status[name].reason)]
+        # The emulated CUDA kernels are skipped only when they were not built (FCN_FAST_BUILD_EMULATED=1): a build that
+        # does not load fails its tests instead.
+        skip = not status[name].available and not (name == "cuda_emulated" and _extension.emulated_built())
+        marks = [pytest.mark.skipif(skip, reason=status[name].reason)]
         if name == "triton":
             marks.append(pytest.mark.triton)
         params.append(pytest.param(name, marks=marks, id=name))
