@@ -67,8 +67,7 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
 
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
-    lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=1)
-    return loss, denom, lse
+    return loss, denom, _ce_common.softmax_stats(logits.to(_acc_dtype(logits.dtype)))
 
 
 def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
@@ -91,7 +90,8 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
-# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
+# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype,
+#   lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 
 def _native_forward(logits, target, weight, ignore_index, label_smoothing):
@@ -129,24 +129,28 @@ def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_s
     """A reduced loss on the CPU: (loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
 
     The kernel returns partial sums, not per-pixel loss and weight buffers; the "mean" denominator comes first, from
-    one pass over the labels, because the gradient it writes already carries 1 / denominator."""
+    one pass over the labels, because the gradient it writes already carries 1 / denominator. lse comes back
+    empty: every backward of this loss runs the kernel again (see _backward)."""
     acc = _acc_dtype(flat_logits.dtype)
     denom_total = torch.ops.fcn_fast._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
     # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
     pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
     loss_sums, lse, grad = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
         flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
-    loss = loss_sums.sum()
-    return (loss / denom_total if reduction == "mean" else loss), lse, denom_total, grad
+    loss = _ce_common.sum_in_fixed_order(loss_sums)
+    return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
-# Outputs: the loss (what the public function returns), then for backward only: the per-pixel log-sum-exp, the
-# "mean" denominator and the CPU's gradient from the forward (empty on the other backends and where none is needed).
+# Outputs: the loss (what the public function returns), then for backward only: the softmax statistics (empty for a
+# reduced CPU loss, whose backward runs the forward kernel again), the "mean" denominator and the CPU's gradient from
+# the forward (empty on the other backends and where none is needed).
 
-def _output_shapes(logits, target, reduction):
+def _output_shapes(logits, target, reduction, backend):
     loss_shape = target.shape if reduction == "none" else ()
-    return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
+    if backend == "cpu" and reduction != "none":
+        return loss_shape, (0,)
+    return loss_shape, _ce_common.stats_shape((logits.shape[0], math.prod(logits.shape[2:])))
 
 
 def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
@@ -168,7 +172,7 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
                                                            _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
     loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
-    denom_total = denom.sum()
+    denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
     return out.to(logits.dtype), lse, denom_total, logits.new_empty(0)
@@ -180,11 +184,11 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
-    loss_shape, pixels = _output_shapes(logits, target, reduction)
+    loss_shape, stats = _output_shapes(logits, target, reduction, backend)
     acc = _acc_dtype(logits.dtype)
     grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
             else logits.new_empty(0))
-    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc), grad
+    return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
 
 
 def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
