@@ -43,7 +43,8 @@ fi
 
 echo "== machine ($MODE, $(left) s left)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
+                                         torch.version.cuda, 'triton', triton.__version__)"
 
 has_cuda_kernels() {
     $PY -c "import sys, fcn_fast; sys.exit(0 if fcn_fast.available_backends()['cuda'].available else 1)" 2>/dev/null

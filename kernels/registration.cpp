@@ -79,7 +79,8 @@ TORCH_LIBRARY(fcn_fast, m) {
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
   // (loss, denom_weight, lse) in the accumulate dtype, lse the softmax statistics (2, N, H, W) as above; loss and
   // denom_weight (N, H, W) when per_pixel, else partial sums (1-D, a length of the backend's choosing) added in a
-  // fixed order, whose totals are the sums over all pixels: a reduced loss needs no per-pixel buffers. weight is (C,) in the accumulate dtype.
+  // fixed order, whose totals are the sums over all pixels: a reduced loss needs no per-pixel buffers. weight is
+  // (C,) in the accumulate dtype.
   m.def(
       "_upsample_cross_entropy_fwd(Tensor coarse, Tensor target, Tensor? weight, Tensor row_index, "
       "Tensor row_weight, Tensor col_index, Tensor col_weight, int ignore_index, float label_smoothing, "

@@ -6,8 +6,9 @@ fcn_fast/ops/triton_cross_entropy.py, the per-pixel math they share in kernels/i
 fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
-both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
-recomputes the probabilities from it. On the CPU a reduced loss whose logits need a gradient also gets the gradient
+both views of the caller's tensors. The forward saves two floats per pixel for backward, the softmax statistics
+(each pixel's largest logit and log sum exp relative to it, kernels/include/fcn_fast/softmax_ce.h); backward
+recomputes the probabilities from them. On the CPU a reduced loss whose logits need a gradient also gets the gradient
 for ``loss.backward()`` (incoming gradient 1) in the forward's sweeps, one read and one exp per logit in all instead
 of two; backward hands it on when the incoming gradient is 1 and recomputes otherwise (README, "Softmax
 cross-entropy", has the measurements).

@@ -78,7 +78,8 @@ def ce_tile_grad(z, t, m, log_sum, g, class_w, c_offs, weight_sum, eps, num_clas
     prob_scale = gk * ((1.0 - eps) * w_t + (eps / num_classes) * weight_sum)
     target_scale = gk * (1.0 - eps) * w_t
     smooth_scale = gk * (eps / num_classes)
-    return p * prob_scale[None, :] - tl.where(is_t, target_scale[None, :], 0.0) - class_w[:, None] * smooth_scale[None, :]
+    d = p * prob_scale[None, :] - tl.where(is_t, target_scale[None, :], 0.0)
+    return d - class_w[:, None] * smooth_scale[None, :]
 
 
 # ---- bilinear taps: the tap tables of fcn_fast/ops/_resample.py (format in kernels/include/fcn_fast/bilinear.h) ----

@@ -1,4 +1,4 @@
-"""softmax_cross_entropy in Triton: forward (per-pixel loss, denominator weight, log-sum-exp) and backward.
+"""softmax_cross_entropy in Triton: forward (per-pixel loss, denominator weight, softmax statistics) and backward.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; tests only). A program owns BLOCK_P
 consecutive pixels of the flattened (N, S) grid and loads their logits as one [BLOCK_C, BLOCK_P] tile straight from
@@ -104,7 +104,8 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     _forward_kernel[(triton.cdiv(total, block_p),)](
         logits, target, weight if weight is not None else lse, loss, denom, lse,
         total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index,
-        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None, ACC=_acc(logits),
+        BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 

@@ -203,6 +203,6 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
             grid = (triton.cdiv(n * c * skip_h, block_r), triton.cdiv(skip_w, block_w))
             scale = device_scalar(float(skip_scale), torch.promote_types(grad.dtype, torch.float32), grad.device)
             _grad_skip_kernel[grid](
-                grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1], ACC=acc,
-                BLOCK_R=block_r, BLOCK_W=block_w)
+                grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1],
+                ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
     return grad_x, grad_skip

@@ -215,8 +215,8 @@ def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per
     lse = torch.empty((2, n, out_h, out_w), dtype=acc, device=coarse.device)
     _forward_kernel[(n * blocks,)](
         coarse, target, weight if weight is not None else coarse, rows.index, rows.weight, cols.index, cols.weight,
-        loss, denom, lse[0], lse[1], device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w, out_w,
-        out_h * out_w, blocks, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
+        loss, denom, lse[0], lse[1], device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w,
+        out_w, out_h * out_w, blocks, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
         INDEX_64=_index_64(out_h * out_w, h * w, block=block_p), BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 

@@ -2,9 +2,10 @@
 cross-entropy (training) or with the per-pixel argmax (inference), so the full-resolution logits are never stored.
 
 Every output pixel interpolates its C logits from the coarse map on the fly through the tap tables of
-fcn_fast/ops/_resample.py. The forward pass saves one log-sum-exp per output pixel; the backward pass recomputes each
-pixel's softmax from the coarse map and that log-sum-exp and gathers grad_coarse directly (each coarse pixel sums the
-output pixels that read it: no atomics, bitwise deterministic). Kernels: kernels/cpu/upsample_cross_entropy_cpu.cpp,
+fcn_fast/ops/_resample.py. The forward pass saves the softmax statistics of every output pixel (its largest logit and
+log sum exp relative to it); the backward pass recomputes each pixel's softmax from the coarse map and those and
+gathers grad_coarse directly (each coarse pixel sums the output pixels that read it: no atomics, bitwise
+deterministic). Kernels: kernels/cpu/upsample_cross_entropy_cpu.cpp,
 kernels/cuda/upsample_cross_entropy_cuda.cu, fcn_fast/ops/triton_upsample_cross_entropy.py.
 """
 
@@ -155,8 +156,8 @@ def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, wei
     if check_targets:
         _ce_common.check_targets(OP, target, coarse.shape[1], ignore_index)
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
-    # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be two thirds of
-    # the forward's memory (the log-sum-exp, one float per pixel, is all that backward keeps).
+    # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be half of the
+    # forward's memory (the softmax statistics, two floats per pixel, are all that backward keeps).
     loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
                                          label_smoothing, reduction == "none")
     denom_total = _ce_common.sum_in_fixed_order(denom)
@@ -264,9 +265,10 @@ def upsample_cross_entropy(coarse: torch.Tensor, target: torch.Tensor, *, factor
 
     Returns:
         The loss in coarse's dtype (accumulated in float32, float64 for float64). Differentiable in ``coarse`` only;
-        backward is a deterministic gather straight into grad_coarse. Memory: besides the inputs, three float32
-        (N, H, W) buffers in forward (one, the log-sum-exp, kept for backward); never anything of size N*C*H*W
-        (except on the reference backend, which is the plain composition).
+        backward is a deterministic gather straight into grad_coarse. Memory: besides the inputs, the softmax
+        statistics (two float32 (N, H, W) planes, kept for backward) and for reduction="none" the per-pixel loss and
+        weight (two more); never anything of size N*C*H*W (except on the reference backend, which is the plain
+        composition).
     """
     geometry, weight = _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
                                  label_smoothing)

@@ -328,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
       const logit_t* z = logits.data_ptr<logit_t>();
       const label_t* t = target.data_ptr<label_t>();
       if (L.logit_s == 1 && L.s > 1) {  // (N, C) scores (S = 1) go per sample, over contiguous classes
-        forward_blocks(L, z, t, cfg, /*per_pixel=*/true, loss.data_ptr<acc>(), denom.data_ptr<acc>(), stats_out<acc>(lse),
-                       FusedGrad<logit_t, acc>{nullptr, 0, 0, acc(0)});
+        forward_blocks(L, z, t, cfg, /*per_pixel=*/true, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
+                       stats_out<acc>(lse), FusedGrad<logit_t, acc>{nullptr, 0, 0, acc(0)});
       } else {
         forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), stats_out<acc>(lse));
       }

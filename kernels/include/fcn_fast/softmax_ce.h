@@ -4,7 +4,7 @@
 // quantity is taken relative to the pixel's largest logit m, as PyTorch's log_softmax does (m + log sum exp(z - m)
 // as one float drops the log sum once |m| passes ~1e7 in float32, and sum_c w_c z_c - W lse cancels for large logits):
 //   L    = log sum_c exp(z_c - m)                                   (lse = m + L, kept as the pair (m, L))
-//   loss = (1 - eps) w_t (L - (z_t - m)) + (eps / C) (W L - sum_c w_c (z_c - m))     (torch.nn.functional.cross_entropy)
+//   loss = (1 - eps) w_t (L - (z_t - m)) + (eps / C) (W L - sum_c w_c (z_c - m))   (F.cross_entropy)
 //   dloss/dz_c = p_c ((1 - eps) w_t + (eps / C) W) - (1 - eps) w_t [c == t] - (eps / C) w_c,  p_c = exp(z_c - m) / e^L
 // An ignored pixel (t == ignore_index, or any t outside [0, C) when the caller skipped the label check) has loss 0,
 // weight 0 and gradient 0 * p_c (0, or NaN where its logits hold NaN/+inf, exactly as PyTorch's log_softmax backward
