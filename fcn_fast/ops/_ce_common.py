@@ -3,7 +3,7 @@ reduction, smoothing) and the reduction of per-pixel losses, with F.cross_entrop
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -79,15 +79,52 @@ def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight
     return weight.to(acc_dtype(logits.dtype)).contiguous()
 
 
+def stats_shape(pixel_shape) -> Tuple[int, ...]:
+    """Shape of the softmax statistics a forward saves for backward (kernels/include/fcn_fast/softmax_ce.h): two
+    planes of ``pixel_shape``, each pixel's largest logit m and log sum_c exp(z_c - m)."""
+    return (2, *pixel_shape)
+
+
+def softmax_stats(z: torch.Tensor) -> torch.Tensor:
+    """The softmax statistics of logits z (N, C, ...) in plain PyTorch: (max over dim 1, log sum exp(z - max))."""
+    m = z.amax(1)
+    return torch.stack([m, torch.logsumexp(z - m.unsqueeze(1), 1)])
+
+
+# torch.sum splits a reduction of more than 32768 elements (ATen's GRAIN_SIZE) over the threads, so its result
+# depends on their number; a reduction over the last dim of a 2-D tensor goes row by row, one thread per row.
+_FIXED_ORDER_CHUNK = 16384
+
+
+def sum_in_fixed_order(values: torch.Tensor) -> torch.Tensor:
+    """values.sum(), the same bits for any number of CPU threads: chunks of 16384 elements summed row-wise, then
+    their sums, until one chunk is left (other devices: torch.sum, whose order does not depend on the CPU threads)."""
+    values = values.reshape(-1)
+    if values.device.type != "cpu":
+        return values.sum()
+    while values.numel() > _FIXED_ORDER_CHUNK:
+        rows = values.numel() // _FIXED_ORDER_CHUNK
+        head = values[:rows * _FIXED_ORDER_CHUNK].view(rows, _FIXED_ORDER_CHUNK).sum(1)
+        values = torch.cat([head, values[rows * _FIXED_ORDER_CHUNK:].sum().reshape(1)])
+    return values.sum()
+
+
+def mean(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """total / denominator, NaN when the denominator is 0 as in PyTorch: its "mean" cross-entropy is the weighted
+    NLL mean (0 / 0 then) plus the smoothing term, so a smoothing term does not make it +-inf."""
+    return (total / denominator).masked_fill(denominator == 0, float("nan"))
+
+
 def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reduction: str) -> torch.Tensor:
-    """F.cross_entropy's reductions of per-pixel losses: "mean" divides by the summed class weights of the pixels
-    that are not ignored (their count without weights), so an all-ignored mean is 0/0 = NaN, as in PyTorch."""
+    """F.cross_entropy's reductions of per-pixel losses (or of partial sums of them): "mean" divides by the summed
+    class weights of the pixels that are not ignored (their count without weights), so an all-ignored mean is
+    NaN, as in PyTorch. Sums are bitwise independent of the CPU thread count."""
     if reduction == "none":
         return loss
-    total = loss.sum()
+    total = sum_in_fixed_order(loss)
     if reduction == "sum":
         return total
-    return total / denom_weight.sum()
+    return mean(total, sum_in_fixed_order(denom_weight))
 
 
 def make_loss_backward(backward_op, handed_on=lambda ctx: ()):

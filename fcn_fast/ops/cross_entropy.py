@@ -6,8 +6,9 @@ kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and fcn_fa
 per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
-both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
-recomputes the probabilities from it. On the CPU a reduced loss whose logits need a gradient also gets the gradient
+both views of the caller's tensors. The forward saves two floats per pixel for backward, the softmax statistics
+(each pixel's largest logit and log sum exp relative to it, kernels/include/fcn_fast/softmax_ce.h); backward
+recomputes the probabilities from them. On the CPU a reduced loss whose logits need a gradient also gets the gradient
 for ``loss.backward()`` (incoming gradient 1) in the forward's sweeps, one read and one exp per logit in all instead
 of two; backward hands it on when the incoming gradient is 1 and recomputes otherwise (README, "Softmax
 cross-entropy", has the measurements).
@@ -64,8 +65,7 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
 
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
-    lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=1)
-    return loss, denom, lse
+    return loss, denom, _ce_common.softmax_stats(logits.to(acc_dtype(logits.dtype)))
 
 
 def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
@@ -88,7 +88,8 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
-# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
+# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype,
+#   lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 # With gradient_in_forward, a reduced loss takes reduced_forward and reduced_backward instead (see _Cpu).
 
@@ -127,8 +128,8 @@ class _Cpu(_Native):
         pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
         loss_sums, lse, grad = self.ops._softmax_cross_entropy_fwd_sums(
             flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
-        loss = loss_sums.sum()
-        return (loss / denom_total if reduction == "mean" else loss), lse, denom_total, grad
+        loss = _ce_common.sum_in_fixed_order(loss_sums)
+        return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
 
     def reduced_backward(self, pixel_grad, flat_logits, flat_target, weight, ignore_index, label_smoothing):
         """The gradient for any incoming gradient (``pixel_grad``: every pixel's share of it), from the forward's
@@ -151,12 +152,15 @@ def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: s
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
-# Outputs: the loss (what the public function returns), then for backward only: the per-pixel log-sum-exp, the
-# "mean" denominator and the CPU's gradient from the forward (empty on the other backends and where none is needed).
+# Outputs: the loss (what the public function returns), then for backward only: the softmax statistics (empty for a
+# reduced CPU loss, whose backward runs the forward kernel again), the "mean" denominator and the CPU's gradient from
+# the forward (empty on the other backends and where none is needed).
 
-def _output_shapes(logits, target, reduction):
+def _output_shapes(logits, target, reduction, backend):
     loss_shape = target.shape if reduction == "none" else ()
-    return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
+    if KERNELS[backend].gradient_in_forward and reduction != "none":
+        return loss_shape, (0,)
+    return loss_shape, _ce_common.stats_shape((logits.shape[0], math.prod(logits.shape[2:])))
 
 
 def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
@@ -179,7 +183,7 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
             _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
     loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing)
-    denom_total = denom.sum()
+    denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
     return out.to(logits.dtype), lse, denom_total, logits.new_empty(0)
@@ -191,11 +195,11 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
-    loss_shape, pixels = _output_shapes(logits, target, reduction)
+    loss_shape, stats = _output_shapes(logits, target, reduction, backend)
     acc = acc_dtype(logits.dtype)
     grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
             else logits.new_empty(0))
-    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc), grad
+    return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
 
 
 def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
