@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from harness import DTYPES, backend_params, device_for
@@ -200,7 +200,7 @@ class OpTester:
     def op(self, backend: str, **inputs) -> torch.Tensor:
         raise NotImplementedError
 
-    def reference(self, dtype: torch.dtype, **inputs) -> torch.Tensor:
+    def reference(self, float_dtype: torch.dtype, **inputs) -> torch.Tensor:
         raise NotImplementedError
 
     def samples(self) -> List[Sample]:
@@ -221,6 +221,11 @@ class OpTester:
     def property_sample(self, draw, dtype: torch.dtype, small: bool) -> Sample:
         raise NotImplementedError
 
+    def known_deviation(self, backend: str, dtype: torch.dtype, sample: Sample) -> Optional[str]:
+        """Why ``backend`` cannot give the reference's answer on ``sample`` for a cause outside fcn_fast (a bug of
+        PyTorch's own kernels that the reference backend runs), or None: it must give it."""
+        return None
+
     def opcheck_calls(self, backend: str) -> List[Tuple[Any, tuple]]:
         """(torch.ops overload, positional args) pairs for torch.library.opcheck."""
         return []
@@ -230,9 +235,10 @@ class OpTester:
         return dtype
 
     def scales(self, dtype: torch.dtype, ref_inputs: Dict[str, Optional[torch.Tensor]], options: Dict[str, Any],
-               expected: Run, grad_out: Optional[torch.Tensor]) -> Tuple[Any, Dict[str, Any]]:
+               expected: Run, grad_out: Optional[torch.Tensor], rounded_in_dtype: bool) -> Tuple[Any, Dict[str, Any]]:
         """Per-element error scales (float64, broadcastable) of the output and of each gradient. ``ref_inputs``:
-        the inputs in float64 as the op saw them. Default: the largest finite value (None)."""
+        the inputs in float64 as the op saw them; ``rounded_in_dtype``: see :func:`assert_matches`. Default: the
+        largest finite value (None)."""
         return None, {}
 
     def assert_outputs_match(self, actual: Run, expected: Run, dtype: torch.dtype, out_scale, grad_scales,
@@ -322,10 +328,10 @@ class OpTester:
         expected = self.expected(dtype, actual.inputs, sample.options, grad_out)
         ref64 = {n: (None if t is None else t.detach().cpu().to(torch.float64) if t.is_floating_point() else
                      t.detach().cpu()) for n, t in actual.inputs.items()}
-        out_scale, grad_scales = self.scales(dtype, ref64, sample.options, expected,
-                                             None if grad_out is None else grad_out.detach().cpu().double())
         # The reference backend is PyTorch in the inputs' dtype: float16/bfloat16 intermediates are rounded.
         rounded = backend == "reference" and dtype in (torch.float16, torch.bfloat16)
+        out_scale, grad_scales = self.scales(dtype, ref64, sample.options, expected,
+                                             None if grad_out is None else grad_out.detach().cpu().double(), rounded)
         self.assert_outputs_match(actual, expected, dtype, out_scale, grad_scales, ref64, sample.options, rounded)
 
     # ---- parametrization -----------------------------------------------------------------------------------------
@@ -375,11 +381,16 @@ class OpTester:
             return backend != "reference" and device_for(backend).type == "cpu" and not interpreted(backend)
         return True
 
-    def marks_for(self, test: str, backend: str, sample: Optional[Sample] = None, **_) -> list:
-        """Interpreted Triton: what is not tiny, and float64 gradcheck, run only with the slow tests."""
+    def marks_for(self, test: str, backend: str, sample: Optional[Sample] = None, dtype=None, **_) -> list:
+        """Interpreted Triton: what is not tiny, and float64 gradcheck, run only with the slow tests. A known
+        deviation outside fcn_fast is an expected failure."""
+        marks = []
         if interpreted(backend) and ((sample is not None and not sample.tiny) or test == "test_gradcheck"):
-            return [pytest.mark.slow]
-        return []
+            marks.append(pytest.mark.slow)
+        deviation = sample is not None and dtype is not None and self.known_deviation(backend, dtype, sample)
+        if deviation:
+            marks.append(pytest.mark.xfail(reason=deviation, strict=False))
+        return marks
 
     # ---- the tests -------------------------------------------------------------------------------------------
 
@@ -477,6 +488,7 @@ class OpTester:
         @given(case=cases())
         def check(case):
             sample, dtype, layout, grad_kind = case
+            reject(self.known_deviation(backend, dtype, sample))
             self.check(backend, sample, dtype, layout, grad_kind)
 
         threads = torch.get_num_threads()
@@ -493,6 +505,11 @@ def _without_bfloat16_subnormals(sample: Sample) -> Sample:
     limit = 4096 * torch.finfo(torch.bfloat16).tiny
     return sample.with_tensors(**{n: torch.where(t.abs() < limit, torch.zeros((), dtype=t.dtype), t)
                                   for n, t in sample.tensors.items() if t is not None and t.is_floating_point()})
+
+
+def reject(reason: Optional[str]) -> None:
+    """Drop a drawn example that meets a known deviation outside fcn_fast (hypothesis draws another)."""
+    assume(not reason)
 
 
 def _ident(value) -> str:

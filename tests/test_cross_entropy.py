@@ -165,7 +165,7 @@ class TestSoftmaxCrossEntropy(OpTester):
     def op(self, backend, logits, target, weight=None, **options):
         return fcn_fast.softmax_cross_entropy(logits, target, weight=weight, backend=backend, **options)
 
-    def reference(self, dtype, logits, target, weight=None, **options):
+    def reference(self, float_dtype, logits, target, weight=None, **options):
         return cross_entropy_reference(logits, target, weight, **options)
 
     def input_dtype(self, name, dtype):
@@ -207,7 +207,7 @@ class TestSoftmaxCrossEntropy(OpTester):
                         case(f"rows-{reduction}", (33000, 5), **opts)]
         return samples
 
-    def scales(self, dtype, inputs, options, expected, grad_out):
+    def scales(self, dtype, inputs, options, expected, grad_out, rounded_in_dtype):
         logits, target, weight = inputs["logits"], inputs["target"], inputs["weight"]
         per_pixel = cross_entropy_reference(logits, target, weight, **{**options, "reduction": "none"})
         out_scale, pixel_grad = ce_scales(dtype, target, weight, logits.shape[1], options, per_pixel, grad_out)
