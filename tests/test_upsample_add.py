@@ -1,6 +1,7 @@
 """upsample_add against the PyTorch code it replaces (F.conv_transpose2d with FCN's bilinear kernel or
 F.interpolate, crop, scaled skip add), through the shared op tester (tests/op_tester.py); then what is particular to
-this op: which gradients are computed, the skip's gradient, the module, and the Python errors for bad input."""
+this op: which gradients are computed, the skip's gradient, the module, and the Python errors for bad input
+(backend selection: test_backends.py)."""
 
 from __future__ import annotations
 
