@@ -1,4 +1,6 @@
-"""Shared test parametrization: backends with the device each runs on, dtypes and their tolerances."""
+"""Shared test parametrization: backends with the device each runs on, dtypes and their tolerances, and the
+backends a run requires (FCN_FAST_REQUIRE_BACKENDS: CI lists the ones it must test, so that a broken build fails
+instead of skipping)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,30 @@ def device_for(backend: str) -> torch.device:
     if backend == "cuda" or (backend == "triton" and HAS_CUDA):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def required_backends() -> List[str]:
+    """The backends named in FCN_FAST_REQUIRE_BACKENDS (comma-separated), which must be available."""
+    return [name.strip() for name in os.environ.get("FCN_FAST_REQUIRE_BACKENDS", "").split(",") if name.strip()]
+
+
+def missing_required_backends() -> List[str]:
+    """Why each required backend cannot be tested here (empty when all of them can)."""
+    status = available_backends()
+    problems = []
+    for name in required_backends():
+        if name not in status:
+            problems.append(f"{name}: unknown backend (fcn_fast knows {', '.join(status)})")
+        elif not status[name].available:
+            problems.append(f"{name}: {status[name].reason}")
+    return problems
+
+
+def requires_backend(name: str):
+    """Mark for a test of one backend's own kernels: skipped with the reason where that backend is unavailable
+    (which a run that requires the backend refuses to start with)."""
+    status = available_backends()[name]
+    return pytest.mark.skipif(not status.available, reason=status.reason)
 
 
 def backend_params(include_reference: bool = True) -> List:
