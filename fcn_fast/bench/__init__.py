@@ -75,8 +75,10 @@ def run(argv: Sequence[str], prog: str = "fcn-fast bench") -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    # The Triton interpreter runs on the CPU for tests; it is orders of magnitude too slow to time.
-    backends = [b for b in usable_backends(device) if b != "reference" and not (b == "triton" and device.type == "cpu")]
+    # The Triton interpreter and the emulated CUDA kernels run on the CPU for tests; they are orders of magnitude too
+    # slow to time.
+    backends = [b for b in usable_backends(device)
+                if b not in ("reference", "cuda_emulated") and not (b == "triton" and device.type == "cpu")]
     use_compile = (not args.quick) if args.compile is None else args.compile
     autotune = (device.type == "cuda" and not args.quick) if args.max_autotune is None else args.max_autotune
     compile_modes = (["default"] + (["max-autotune"] if autotune else [])) if use_compile else []

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fcn_fast.bench.cases import is_model
+
 
 
 def _cpu_model() -> str:
@@ -149,7 +151,7 @@ def markdown(results, rows: Sequence[dict], name: str) -> str:
            "## Summary: the fastest fcn_fast backend", ""] + summary(rows) + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
-        model = op == "fcn8s"
+        model = is_model(op)
         out += [f"## {op}", ""]
         if any(r["status"] == "ok" for r in mine):
             out += ["| case | dtype | mode | provider | median ms [p20–p80] | × eager | × compile | "
