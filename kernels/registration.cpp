@@ -46,7 +46,7 @@ TORCH_LIBRARY(fcn_fast, m) {
       "Tensor col_index, Tensor col_weight, Tensor col_readers, int in_h, int in_w, int skip_h, int skip_w, "
       "int skip_y, int skip_x, float skip_scale, bool need_x, bool need_skip) -> (Tensor, Tensor)");
 
-  // softmax_cross_entropy kernels (issue 4). logits (N, C, S) with any strides, target (N, S) of any integer dtype,
+  // softmax_cross_entropy kernels. logits (N, C, S) with any strides, target (N, S) of any integer dtype,
   // weight: contiguous (C,) of the accumulate dtype (float32; float64 for float64 logits). Labels outside [0, C) are
   // ignored (the Python front end has rejected them unless check_targets=False). Per-pixel outputs are (N, S) in the
   // accumulate dtype: (loss, weight of the pixel in the "mean" denominator, and lse: the softmax statistics saved for
@@ -75,7 +75,7 @@ TORCH_LIBRARY(fcn_fast, m) {
   // label check the Python front end runs before the loss kernels (CPU; on CUDA two torch reductions do it).
   m.def("_label_bounds(Tensor target, int ignore_index) -> Tensor");
 
-  // upsample_cross_entropy / upsample_argmax kernels (issue 4).
+  // upsample_cross_entropy / upsample_argmax kernels.
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
   // (loss, denom_weight, lse) in the accumulate dtype, lse the softmax statistics (2, N, H, W) as above; loss and
   // denom_weight (N, H, W) when per_pixel, else partial sums (1-D, a length of the backend's choosing) added in a

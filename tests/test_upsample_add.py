@@ -1,12 +1,10 @@
 """upsample_add: every backend against the reference (float64 ground truth), gradients, layouts, determinism,
-torch.library/compile integration, backend selection and the Python errors for bad input."""
+torch.library/compile integration and the Python errors for bad input (backend selection: test_backends.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
-
-import importlib
 
 import pytest
 import torch
@@ -21,8 +19,6 @@ from harness import DTYPES, HAS_CUDA, TOLERANCES, assert_close, backend_params, 
 
 NATIVE_BACKENDS = backend_params(include_reference=False)
 ALL_BACKENDS = backend_params()
-# The module, not the function fcn_fast.ops re-exports under the same name.
-upsample_add_module = importlib.import_module("fcn_fast.ops.upsample_add")
 
 
 @dataclass(frozen=True)
@@ -346,60 +342,6 @@ def test_module_repr_and_forward():
     want = fcn_fast.upsample_add(x, skip, factor=2, mode="deconv", skip_offset=(5, 5), skip_scale=0.01,
                                  backend="reference")
     assert_close(module(x, skip), want)
-
-
-def test_available_backends():
-    status = fcn_fast.available_backends()
-    assert list(status) == ["reference", "cpu", "cuda", "triton"]
-    assert status["reference"].available
-    for name, s in status.items():
-        assert s.name == name and isinstance(s.reason, str) and s.reason
-    if not HAS_CUDA:
-        assert not status["cuda"] and "CUDA" in status["cuda"].reason
-
-
-@pytest.fixture
-def record_backend(monkeypatch):
-    """Records the backend each forward call runs on (the real implementation still runs)."""
-    calls = []
-    for name, impl in list(upsample_add_module._FORWARD.items()):
-        def spy(*args, _name=name, _impl=impl):
-            calls.append(_name)
-            return _impl(*args)
-        monkeypatch.setitem(upsample_add_module._FORWARD, name, spy)
-    return calls
-
-
-def test_backend_selection(record_backend, monkeypatch):
-    x = torch.randn(1, 2, 3, 3)
-    monkeypatch.delenv("FCN_FAST_BACKEND", raising=False)
-    fcn_fast.upsample_add(x, factor=2)
-    default = _backends.usable_backends(x.device)
-    assert record_backend[-1] == ("cpu" if "cpu" in default else "reference")
-    with fcn_fast.use_backend("reference"):
-        fcn_fast.upsample_add(x, factor=2)
-        assert record_backend[-1] == "reference"
-        if "cpu" in default:
-            fcn_fast.upsample_add(x, factor=2, backend="cpu")  # the argument wins over the block
-            assert record_backend[-1] == "cpu"
-    monkeypatch.setenv("FCN_FAST_BACKEND", "reference")
-    fcn_fast.upsample_add(x, factor=2)
-    assert record_backend[-1] == "reference"
-    if "cpu" in default:
-        with fcn_fast.use_backend("cpu"):  # the block wins over the environment
-            fcn_fast.upsample_add(x, factor=2)
-            assert record_backend[-1] == "cpu"
-
-
-def test_unavailable_or_unknown_backend():
-    x = torch.randn(1, 2, 3, 3)
-    with pytest.raises(ValueError, match=r"backend 'cuda' is unavailable here.*Usable on cpu: reference"):
-        fcn_fast.upsample_add(x, factor=2, backend="cuda")
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*reference, cpu, cuda, triton"):
-        fcn_fast.upsample_add(x, factor=2, backend="tpu")
-    with pytest.raises(ValueError, match="unknown backend"):
-        with fcn_fast.use_backend("fast"):
-            pass
 
 
 # ---- bad input: a Python error naming the argument, before any kernel ----------------------------------------------

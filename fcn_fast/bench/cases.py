@@ -369,7 +369,8 @@ def _merge(*scenes: Dict[str, List[Shape]]) -> Dict[str, List[Shape]]:
 
 
 def scenes(device_type: str, quick: bool) -> Dict[str, List[Shape]]:
-    """Shapes per op. The GPU runs the issue's batch sizes; the CPU runs batch 1 (said in each row's note)."""
+    """Shapes per op. The GPU runs the batch sizes of the workloads named (VOC training batches, Cityscapes, ADE20K);
+    the CPU runs smaller ones (said in each row's note)."""
     if quick:
         tiny = _scene_shapes("quick128", 1, 21, (128, 128), "quick: tiny shapes")
         tiny["fcn8s"] = [Shape("quick64", 1, 21, (64, 64), width=0.125, note="quick: width 1/8")]

@@ -9,6 +9,7 @@ import torch
 
 from fcn_fast import _extension
 from fcn_fast._validation import INT_DTYPES, check_int, check_tensor, describe
+from fcn_fast.ops._dispatch import acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -75,8 +76,7 @@ def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight
     if weight.device != logits.device:
         raise ValueError(f"{op}: weight must be on the logits' device, got weight: {describe(weight)}; "
                          f"logits: {describe(logits)}")
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return weight.to(acc).contiguous()
+    return weight.to(acc_dtype(logits.dtype)).contiguous()
 
 
 def stats_shape(pixel_shape) -> Tuple[int, ...]:

@@ -15,6 +15,8 @@ from typing import Tuple
 
 import torch
 
+from fcn_fast._validation import check_int, check_pair
+
 MODES = ("deconv", "interp")
 
 
@@ -168,6 +170,33 @@ class Geometry:
     factor: int
     offset: Tuple[int, int]
     align_corners: bool
+
+    @classmethod
+    def checked(cls, op: str, x: torch.Tensor, factor, mode, out_size, offset, align_corners) -> "Geometry":
+        """The Geometry of upsampling x (..., h, w) as the public ops' arguments say, or a ValueError/TypeError
+        naming ``op`` and the argument."""
+        factor = check_int(op, "factor", factor, minimum=1)
+        if mode not in MODES:
+            raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        offset = check_pair(op, "offset", offset, minimum=0)
+        if mode == "deconv":
+            full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
+            if out_size is None:
+                out = (full[0] - offset[0], full[1] - offset[1])
+            else:
+                out = check_pair(op, "out_size", out_size, minimum=1)
+            if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
+                raise ValueError(
+                    f"{op}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
+                    f"(input {h}x{w}, factor {factor})")
+        else:
+            if offset != (0, 0):
+                raise ValueError(f"{op}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
+            out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
+        if mode == "deconv" and align_corners:
+            raise ValueError(f"{op}: align_corners applies to mode='interp' only")
+        return cls(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64

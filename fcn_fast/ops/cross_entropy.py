@@ -1,9 +1,9 @@
 """softmax_cross_entropy: per-pixel softmax cross-entropy over class-strided logits, with F.cross_entropy's semantics.
 
-Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
-fake kernel) live here; the kernels live in kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and
-fcn_fast/ops/triton_cross_entropy.py, the per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and
-fcn_fast/ops/triton_common.py.
+Public function, reference, validation, the backends' implementations (``KERNELS``, see _dispatch.py) and the
+torch.library registrations (custom op, autograd, fake kernel) live here; the kernels live in
+kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and fcn_fast/ops/triton_cross_entropy.py, the
+per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
 both views of the caller's tensors. The forward saves two floats per pixel for backward, the softmax statistics
@@ -25,12 +25,9 @@ import torch.nn.functional as F
 from fcn_fast import _backends
 from fcn_fast._validation import check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
+from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 
 OP = "softmax_cross_entropy"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets) -> Optional[torch.Tensor]:
@@ -57,7 +54,7 @@ def _flat(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
     """Per-pixel (loss, denominator weight) of F.cross_entropy, computed in float32 (float64 for float64)."""
-    z = logits.to(_acc_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     valid = _ce_common.valid_labels(target, z.shape[1], ignore_index)
     safe_target = torch.where(valid, target, 0).long()  # labels the caller let through unchecked are ignored
     loss = F.cross_entropy(z, safe_target, weight=weight, reduction="none", label_smoothing=label_smoothing)
@@ -68,13 +65,13 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
 
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
-    return loss, denom, _ce_common.softmax_stats(logits.to(_acc_dtype(logits.dtype)))
+    return loss, denom, _ce_common.softmax_stats(logits.to(acc_dtype(logits.dtype)))
 
 
 def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
     # The gradient in closed form (softmax_ce.h has the derivation): a custom op's body runs below autograd, so it
     # cannot differentiate F.cross_entropy itself.
-    z = logits.to(_acc_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     num_classes = z.shape[1]
     valid = _ce_common.valid_labels(target, num_classes, ignore_index)
     safe_target = torch.where(valid, target, 0).long()
@@ -94,52 +91,65 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 # forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype,
 #   lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
+# With gradient_in_forward, a reduced loss takes reduced_forward and reduced_backward instead (see _Cpu).
 
-def _native_forward(logits, target, weight, ignore_index, label_smoothing):
-    return torch.ops.fcn_fast._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
-
-
-def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
-    return torch.ops.fcn_fast._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
-                                                         label_smoothing)
+class _Kernels(Kernels):
+    gradient_in_forward = False
 
 
-def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
-    from fcn_fast.ops import triton_cross_entropy
-
-    return triton_cross_entropy.forward(logits, target, weight, ignore_index, label_smoothing)
-
-
-def _triton_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
-    from fcn_fast.ops import triton_cross_entropy
-
-    return triton_cross_entropy.backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
+class _Reference(_Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward}
+class _Native(_Kernels):
+    def forward(self, logits, target, weight, ignore_index, label_smoothing):
+        return self.ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+
+    def backward(self, grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
+        return self.ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
+                                                   label_smoothing)
+
+
+class _Cpu(_Native):
+    """The CPU kernels sum a reduced loss in their sweeps (no per-pixel loss and weight buffers) and can write the
+    gradient for an incoming gradient of 1 in the same sweeps."""
+
+    gradient_in_forward = True
+
+    def reduced_forward(self, flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
+        """(loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
+
+        The "mean" denominator comes first, from one pass over the labels, because the gradient the kernel writes
+        already carries 1 / denominator. lse comes back empty: every backward of this loss runs the kernel again
+        (reduced_backward)."""
+        acc = acc_dtype(flat_logits.dtype)
+        denom_total = self.ops._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
+        # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
+        pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
+        loss_sums, lse, grad = self.ops._softmax_cross_entropy_fwd_sums(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
+        loss = _ce_common.sum_in_fixed_order(loss_sums)
+        return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
+
+    def reduced_backward(self, pixel_grad, flat_logits, flat_target, weight, ignore_index, label_smoothing):
+        """The gradient for any incoming gradient (``pixel_grad``: every pixel's share of it), from the forward's
+        sweeps: one formula for every CPU gradient of a reduced loss, so backward is reentrant bitwise."""
+        _, _, grad_logits = self.ops._softmax_cross_entropy_fwd_sums(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, float(pixel_grad))
+        return grad_logits
+
+
+class _Triton(_Kernels):
+    module = "fcn_fast.ops.triton_cross_entropy"
+
+
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Cpu, cuda=_Native, triton=_Triton)
 
 
 def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: str) -> torch.Tensor:
     """The gradient of every pixel's loss of a reduced loss, from the loss's gradient (in the accumulate dtype)."""
     return loss_grad / denom_total if reduction == "mean" else loss_grad
-
-
-def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
-    """A reduced loss on the CPU: (loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
-
-    The kernel returns partial sums, not per-pixel loss and weight buffers; the "mean" denominator comes first, from
-    one pass over the labels, because the gradient it writes already carries 1 / denominator. lse comes back
-    empty: every backward of this loss runs the kernel again (see _backward)."""
-    acc = _acc_dtype(flat_logits.dtype)
-    denom_total = torch.ops.fcn_fast._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
-    # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
-    pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
-    loss_sums, lse, grad = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
-        flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
-    loss = _ce_common.sum_in_fixed_order(loss_sums)
-    return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
@@ -149,13 +159,13 @@ def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_s
 
 def _output_shapes(logits, target, reduction, backend):
     loss_shape = target.shape if reduction == "none" else ()
-    if backend == "cpu" and reduction != "none":
+    if KERNELS[backend].gradient_in_forward and reduction != "none":
         return loss_shape, (0,)
     return loss_shape, _ce_common.stats_shape((logits.shape[0], math.prod(logits.shape[2:])))
 
 
 def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
-    return need_grad and reduction != "none" and backend == "cpu" and logits.numel() > 0
+    return need_grad and reduction != "none" and KERNELS[backend].gradient_in_forward and logits.numel() > 0
 
 
 def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
@@ -167,12 +177,13 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
     if check_targets:  # here, not in the public function: it reads label values, which torch.compile cannot trace
         _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     flat_logits, flat_target = _flat(logits, target)
-    if backend == "cpu" and reduction != "none":
-        out, lse, denom_total, grad = _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index,
-                                                           label_smoothing, reduction,
-                                                           _gradient_in_forward(logits, reduction, need_grad, backend))
+    kernels = KERNELS[backend]
+    if kernels.gradient_in_forward and reduction != "none":
+        out, lse, denom_total, grad = kernels.reduced_forward(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction,
+            _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
-    loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
+    loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing)
     denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
@@ -186,7 +197,7 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
     loss_shape, stats = _output_shapes(logits, target, reduction, backend)
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
             else logits.new_empty(0))
     return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
@@ -199,18 +210,19 @@ def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, igno
         return torch.zeros_like(logits)
     grad = grad.to(lse.dtype)
     pixel_grad = _pixel_grad(grad, denom_total, reduction)
-    if backend == "cpu" and reduction != "none":
+    kernels = KERNELS[backend]
+    if kernels.gradient_in_forward and reduction != "none":
         # The forward's gradient is the one for an incoming gradient of exactly 1 (loss.backward()). Any other (a
-        # scaled loss, a sum of losses, a retained graph's second backward) runs the same sweeps again with its own
-        # pixel gradient rather than the lse-based backward kernel: one formula, so backward is reentrant bitwise.
+        # scaled loss, a sum of losses, a retained graph's second backward) runs the forward's sweeps again with its
+        # own pixel gradient rather than the lse-based backward kernel.
         if forward_grad.numel() and bool(grad == 1):
             return forward_grad.clone() if copy_forward_grad else forward_grad
-        _, _, grad_logits = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
-            flat_logits, flat_target, weight, ignore_index, label_smoothing, float(pixel_grad))
+        grad_logits = kernels.reduced_backward(pixel_grad, flat_logits, flat_target, weight, ignore_index,
+                                               label_smoothing)
         return grad_logits.reshape(logits.shape)
     # Every pixel's loss of a reduced loss enters with the same factor: an expanded scalar, never materialized.
     grad_pixels = grad.reshape(flat_target.shape) if reduction == "none" else pixel_grad.expand(flat_target.shape)
-    grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
+    grad_logits = kernels.backward(grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
     return grad_logits.reshape(logits.shape)
 
 

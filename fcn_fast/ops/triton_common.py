@@ -1,7 +1,8 @@
 """Triton building blocks shared by the Triton kernels: the per-pixel softmax cross-entropy math on a tile of
 logits (the Triton twin of kernels/include/fcn_fast/softmax_ce.h; formulas there), the bilinear tap helpers every
 Triton kernel reads the tap tables with (the twins of kernels/include/fcn_fast/bilinear.h), ``on_tensor_device``, the
-device guard every Triton entry point runs under, and ``device_scalar``, the sync-free way to hand a kernel a float.
+device guard every Triton entry point runs under, ``acc_type``, the accumulate dtype as a Triton type, and
+``device_scalar``, the sync-free way to hand a kernel a float.
 
 A tile is z[BLOCK_C, BLOCK_P]: BLOCK_C >= C classes (padded to a power of two) by BLOCK_P pixels, float32, with
 padded classes set to -inf by the caller. class_w[BLOCK_C] holds the class weights (1.0 when none, 0.0 for padded
@@ -14,6 +15,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from fcn_fast.ops._dispatch import acc_dtype
+
+
+def acc_type(dtype: torch.dtype):
+    """The Triton type the kernels accumulate ``dtype`` inputs in (``fcn_fast.ops._dispatch.acc_dtype``)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def on_tensor_device(launcher):

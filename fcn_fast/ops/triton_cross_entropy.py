@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad, device_scalar, on_tensor_device
+from fcn_fast.ops._dispatch import acc_dtype
+from fcn_fast.ops.triton_common import acc_type, ce_tile_forward, ce_tile_grad, device_scalar, on_tensor_device
 
 # A tile holds about this many logits: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
 TILE_ELEMENTS = 4096
@@ -85,16 +86,12 @@ def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr,
     tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=(c < num_classes)[:, None] & p_mask[None, :])
 
 
-def _acc(logits: torch.Tensor):
-    return tl.float64 if logits.dtype == torch.float64 else tl.float32
-
-
 @on_tensor_device
 def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight), contiguous (N, S), and lse, the softmax
     statistics (2, N, S), in the acc dtype."""
     n, num_classes, pixels = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     loss, denom = (torch.empty((n, pixels), device=logits.device, dtype=acc) for _ in range(2))
     lse = torch.empty((2, n, pixels), device=logits.device, dtype=acc)
     total = n * pixels
@@ -104,8 +101,8 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     _forward_kernel[(triton.cdiv(total, block_p),)](
         logits, target, weight if weight is not None else lse, loss, denom, lse,
         total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index,
-        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None, ACC=_acc(logits),
-        BLOCK_C=block_c, BLOCK_P=block_p)
+        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None,
+        ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 
@@ -122,5 +119,5 @@ def backward(grad_pixels, logits, target, lse, weight, ignore_index: int, label_
         logits, target, weight if weight is not None else lse, lse, grad_pixels, grad,
         total, pixels, num_classes, *logits.stride(), *target.stride(), *grad_pixels.stride(), *grad.stride(),
         ignore_index, device_scalar(label_smoothing, lse.dtype, lse.device),
-        HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+        HAS_WEIGHT=weight is not None, ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     return grad

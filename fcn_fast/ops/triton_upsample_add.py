@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from fcn_fast.ops._resample import Geometry, axis_taps
-from fcn_fast.ops.triton_common import (adjoint_share, blend_taps, device_scalar, load_taps, on_tensor_device,
-                                        taps_naming)
+from fcn_fast.ops._dispatch import acc_dtype
+from fcn_fast.ops.triton_common import (acc_type, adjoint_share, blend_taps, device_scalar, load_taps,
+                                        on_tensor_device, taps_naming)
 
 # Elements per program (tile of rows x columns): enough work per program to hide latency on a GPU, and few programs
 # for the interpreter, which runs them one after another.
@@ -133,8 +134,6 @@ def _grad_skip_kernel(grad_ptr, grad_skip_ptr, scale_ptr, rows_total, out_h, out
     tl.store(grad_skip_ptr + out_offset, value.to(grad_skip_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @functools.lru_cache(maxsize=512)
@@ -166,7 +165,7 @@ def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, s
     _forward_kernel[grid](
         x, skip if skip is not None else x, out, device_scalar(float(skip_scale), rows.weight.dtype, x.device),
         rows.index, rows.weight, cols.index, cols.weight, n * c * out_h, in_h, in_w, out_h, out_w, skip_h, skip_w,
-        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=_acc_dtype(x.dtype), BLOCK_R=block_r,
+        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=acc_type(x.dtype), BLOCK_R=block_r,
         BLOCK_W=block_w)
     return out
 
@@ -176,7 +175,7 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
              skip_scale: float, need_x: bool, need_skip: bool):
     grad = grad.contiguous()
     n, c, out_h, out_w = grad.shape
-    acc = _acc_dtype(grad.dtype)
+    acc = acc_type(grad.dtype)
     grad_x = grad_skip = None
     if need_x:
         in_h, in_w = int(x_shape[2]), int(x_shape[3])
@@ -201,7 +200,7 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
         if grad_skip.numel() > 0:
             block_r, block_w = _tile(skip_w)
             grid = (triton.cdiv(n * c * skip_h, block_r), triton.cdiv(skip_w, block_w))
-            scale = device_scalar(float(skip_scale), torch.promote_types(grad.dtype, torch.float32), grad.device)
+            scale = device_scalar(float(skip_scale), acc_dtype(grad.dtype), grad.device)
             _grad_skip_kernel[grid](
                 grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1],
                 ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)

@@ -1,7 +1,8 @@
 """upsample_add: bilinear upsampling (FCN's fixed deconvolution, or F.interpolate) + crop + scaled skip add, fused.
 
-Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
-fake kernel) of one op live here; its kernels live in kernels/cpu, kernels/cuda and fcn_fast/ops/triton_upsample_add.py.
+Public function, reference, validation, the backends' implementations (``KERNELS``, see _dispatch.py) and the
+torch.library registrations (custom op, autograd, fake kernel) of one op live here; its kernels live in kernels/cpu,
+kernels/cuda and fcn_fast/ops/triton_upsample_add.py.
 """
 
 from __future__ import annotations
@@ -11,46 +12,19 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from fcn_fast import _backends
-from fcn_fast._validation import check_int, check_pair, check_same, check_tensor, describe
+from fcn_fast._validation import check_pair, check_same, check_tensor, describe
 from fcn_fast.ops import _eager
-from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsample_reference,
-                                    upsample_reference_backward)
+from fcn_fast.ops._dispatch import Kernels, OpKernels
+from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
 
 OP = "upsample_add"
-
-
-def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners, op: str = OP) -> Geometry:
-    """The Geometry of upsampling x, or a ValueError/TypeError naming ``op`` (upsample_cross_entropy and
-    upsample_argmax check their geometry here too)."""
-    factor = check_int(op, "factor", factor, minimum=1)
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    offset = check_pair(op, "offset", offset, minimum=0)
-    if mode == "deconv":
-        full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
-        if out_size is None:
-            out = (full[0] - offset[0], full[1] - offset[1])
-        else:
-            out = check_pair(op, "out_size", out_size, minimum=1)
-        if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
-            raise ValueError(
-                f"{op}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
-                f"(input {h}x{w}, factor {factor})")
-    else:
-        if offset != (0, 0):
-            raise ValueError(f"{op}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
-        out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
-    if mode == "deconv" and align_corners:
-        raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-    return Geometry(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
 
 
 def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
     check_tensor(OP, "x", x, ndim=4)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{OP}: x must have a spatial size of at least 1x1, got {describe(x)}")
-    geometry = _geometry(x, *geometry_args)
+    geometry = Geometry.checked(OP, x, *geometry_args)
     skip_offset = check_pair(OP, "skip_offset", skip_offset, minimum=0)
     if not isinstance(skip_scale, (int, float)) or isinstance(skip_scale, bool):
         raise TypeError(f"{OP}: skip_scale must be a float, got {skip_scale!r}")
@@ -94,37 +68,35 @@ def _reference_backward(grad, geometry: Geometry, x_shape, skip_shape, skip_offs
     return grad_x, grad_skip
 
 
-# ---- backend implementations: (x, skip, geometry, skip_offset, skip_scale) -> out --------------------------------
+# ---- backend implementations -------------------------------------------------------------------------------------
+# forward(x, skip, geometry, skip_offset, skip_scale) -> out
+# backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip) -> (grad_x, grad_skip)
 
-def _native_forward(x, skip, geometry, skip_offset, skip_scale):
-    rows, cols = geometry.taps(x.device, x.dtype)
-    return torch.ops.fcn_fast._upsample_add_fwd(
-        x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
-
-
-def _native_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
-    rows, cols = geometry.taps(grad.device, grad.dtype)
-    grad_x, grad_skip = torch.ops.fcn_fast._upsample_add_bwd(
-        grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
-        x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
-        need_x, need_skip)
-    return (grad_x if need_x else None), (grad_skip if need_skip else None)
+class _Reference(Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
 
 
-def _triton_forward(x, skip, geometry, skip_offset, skip_scale):
-    from fcn_fast.ops import triton_upsample_add
+class _Native(Kernels):
+    def forward(self, x, skip, geometry, skip_offset, skip_scale):
+        rows, cols = geometry.taps(x.device, x.dtype)
+        return self.ops._upsample_add_fwd(
+            x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
 
-    return triton_upsample_add.forward(x, skip, geometry, skip_offset, skip_scale)
+    def backward(self, grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+        rows, cols = geometry.taps(grad.device, grad.dtype)
+        grad_x, grad_skip = self.ops._upsample_add_bwd(
+            grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
+            x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
+            need_x, need_skip)
+        return (grad_x if need_x else None), (grad_skip if need_skip else None)
 
 
-def _triton_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
-    from fcn_fast.ops import triton_upsample_add
-
-    return triton_upsample_add.backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip)
+class _Triton(Kernels):
+    module = "fcn_fast.ops.triton_upsample_add"
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward, "triton": _triton_backward}
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Native, cuda=_Native, triton=_Triton)
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
@@ -140,7 +112,7 @@ def _upsample_add_impl(x: torch.Tensor, skip: Optional[torch.Tensor], factor: in
     geometry = _unpack(x.shape[2], x.shape[3], out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if x.numel() == 0:
         return x.new_zeros((x.shape[0], x.shape[1], out_h, out_w))
-    return _FORWARD[backend](x, skip, geometry, (skip_y, skip_x), skip_scale)
+    return KERNELS[backend].forward(x, skip, geometry, (skip_y, skip_x), skip_scale)
 
 
 _upsample_add_op = torch.library.custom_op("fcn_fast::upsample_add", mutates_args=())(_upsample_add_impl)
@@ -161,8 +133,8 @@ def _upsample_add_backward_impl(grad: torch.Tensor, in_h: int, in_w: int, skip_h
     if grad.numel() == 0:
         grad_x, grad_skip = grad.new_zeros(x_shape), grad.new_zeros(skip_shape)
     else:
-        grad_x, grad_skip = _BACKWARD[backend](grad.contiguous(), geometry, x_shape, skip_shape, (skip_y, skip_x),
-                                               skip_scale, need_x, need_skip)
+        grad_x, grad_skip = KERNELS[backend].backward(grad.contiguous(), geometry, x_shape, skip_shape,
+                                                      (skip_y, skip_x), skip_scale, need_x, need_skip)
     # Custom ops return tensors only: an output nobody asked for comes back empty.
     return (grad_x if need_x else grad.new_empty(0)), (grad_skip if need_skip else grad.new_empty(0))
 

@@ -19,16 +19,12 @@ import torch.nn.functional as F
 from fcn_fast import _backends
 from fcn_fast._validation import check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
+from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
-from fcn_fast.ops.upsample_add import _geometry
 
 OP = "upsample_cross_entropy"
 ARGMAX_OP = "upsample_argmax"
 LABEL_DTYPES = (torch.int64, torch.uint8)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_coarse(op: str, coarse) -> None:
@@ -47,7 +43,7 @@ def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignor
                          f"{describe(target)}; coarse: {describe(coarse)}")
     if min(target.shape[1:]) < 1:
         raise ValueError(f"{OP}: target must have at least one pixel, got {describe(target)}")
-    geometry = _geometry(coarse, factor, mode, tuple(target.shape[1:]), offset, align_corners, op=OP)
+    geometry = Geometry.checked(OP, coarse, factor, mode, tuple(target.shape[1:]), offset, align_corners)
     return geometry, weight
 
 
@@ -55,7 +51,7 @@ def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignor
 
 def _reference_logits(coarse: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     # Rounded to coarse's dtype first, as upsample_add returns them, then upcast as the kernels accumulate.
-    return upsample_reference(coarse, geometry).to(_acc_dtype(coarse.dtype))
+    return upsample_reference(coarse, geometry).to(acc_dtype(coarse.dtype))
 
 
 def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
@@ -93,49 +89,40 @@ def _reference_argmax(coarse, geometry, dtype):
     return upsample_reference(coarse, geometry).argmax(1).to(dtype)
 
 
-# ---- native (cpu, cuda) and triton ---------------------------------------------------------------------------------
+# ---- backend implementations ---------------------------------------------------------------------------------------
+# forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel) -> (loss, denom_weight, lse)
+# backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing) -> grad_coarse
+# argmax(coarse, geometry, dtype) -> labels
 
-def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_cross_entropy_fwd(
-        coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
-        per_pixel)
-
-
-def _native_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_cross_entropy_bwd(
-        grad_pixel, coarse, target, weight, lse, rows.index, rows.weight, rows.readers, cols.index, cols.weight,
-        cols.readers, ignore_index, label_smoothing)
+class _Reference(Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
+    argmax = staticmethod(_reference_argmax)
 
 
-def _native_argmax(coarse, geometry, dtype):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return torch.ops.fcn_fast._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
+class _Native(Kernels):
+    def forward(self, coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_cross_entropy_fwd(
+            coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
+            per_pixel)
+
+    def backward(self, grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_cross_entropy_bwd(
+            grad_pixel, coarse, target, weight, lse, rows.index, rows.weight, rows.readers, cols.index, cols.weight,
+            cols.readers, ignore_index, label_smoothing)
+
+    def argmax(self, coarse, geometry, dtype):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
 
 
-def _triton_forward(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.forward(*args)
+class _Triton(Kernels):
+    module = "fcn_fast.ops.triton_upsample_cross_entropy"
 
 
-def _triton_backward(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.backward(*args)
-
-
-def _triton_argmax(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.argmax(*args)
-
-
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward}
-_ARGMAX = {"reference": _reference_argmax, "cpu": _native_argmax, "cuda": _native_argmax, "triton": _triton_argmax}
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Native, cuda=_Native, triton=_Triton)
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
@@ -158,8 +145,8 @@ def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, wei
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
     # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be half of the
     # forward's memory (the softmax statistics, two floats per pixel, are all that backward keeps).
-    loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
-                                         label_smoothing, reduction == "none")
+    loss, denom, lse = KERNELS[backend].forward(coarse.contiguous(), target.contiguous(), weight, geometry,
+                                                ignore_index, label_smoothing, reduction == "none")
     denom_total = _ce_common.sum_in_fixed_order(denom)
     reduced = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     return reduced.to(coarse.dtype), lse, denom_total
@@ -172,7 +159,7 @@ _upsample_cross_entropy_op = torch.library.custom_op("fcn_fast::upsample_cross_e
 @_upsample_cross_entropy_op.register_fake
 def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, ignore_index, reduction,
       label_smoothing, check_targets, backend):
-    acc = _acc_dtype(coarse.dtype)
+    acc = acc_dtype(coarse.dtype)
     loss = coarse.new_empty(target.shape if reduction == "none" else ())
     return loss, target.new_empty(_ce_common.stats_shape(target.shape), dtype=acc), coarse.new_empty((), dtype=acc)
 
@@ -187,8 +174,8 @@ def _upsample_cross_entropy_backward_impl(grad: torch.Tensor, coarse: torch.Tens
     grad_pixel = grad.to(lse.dtype)
     if reduction == "mean":
         grad_pixel = grad_pixel / denom
-    return _BACKWARD[backend](grad_pixel.contiguous(), coarse.contiguous(), target.contiguous(), weight, lse, geometry,
-                              ignore_index, label_smoothing)
+    return KERNELS[backend].backward(grad_pixel.contiguous(), coarse.contiguous(), target.contiguous(), weight, lse,
+                                     geometry, ignore_index, label_smoothing)
 
 
 _upsample_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::upsample_cross_entropy_backward",
@@ -225,7 +212,7 @@ def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: i
     geometry = _unpack(coarse, out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if coarse.shape[0] == 0:
         return coarse.new_empty((0, out_h, out_w), dtype=dtype)
-    return _ARGMAX[backend](coarse.contiguous(), geometry, dtype)
+    return KERNELS[backend].argmax(coarse.contiguous(), geometry, dtype)
 
 
 _upsample_argmax_op = torch.library.custom_op("fcn_fast::upsample_argmax", mutates_args=())(_upsample_argmax_impl)
@@ -305,7 +292,7 @@ def upsample_argmax(coarse: torch.Tensor, *, factor: int, mode: str = "deconv", 
         raise ValueError(f"{ARGMAX_OP}: dtype=torch.uint8 holds at most 256 classes, coarse has {describe(coarse)}")
     if out_size is None:
         raise ValueError(f"{ARGMAX_OP}: out_size (H, W) is required")
-    geometry = _geometry(coarse, factor, mode, out_size, offset, align_corners, op=ARGMAX_OP)
+    geometry = Geometry.checked(ARGMAX_OP, coarse, factor, mode, out_size, offset, align_corners)
     name = _backends.resolve_backend(backend, coarse.device, ARGMAX_OP)
     # No autograd here: the eager path is the implementation itself.
     run = _upsample_argmax_impl if _eager.takes_eager_path(coarse) else _upsample_argmax_op
