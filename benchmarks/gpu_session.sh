@@ -9,9 +9,9 @@
 #   elements, determinism, streams, no host sync), 4. compute-sanitizer memcheck and racecheck over a small CUDA run of
 #   every op (benchmarks/cuda_smoke.py ... small), where the machine runs it. Logs in $OUT.
 # bench: build if needed, then the benchmark suite on the GPU (arguments replace the default "--dtypes fp32,bf16
-#   --no-max-autotune"); in $OUT runs.jsonl (this run's rows), one <set>.md per dtype and plots.tar (the charts).
-#   Back here: `cat <returned>/runs.jsonl >> benchmarks/results/runs.jsonl`, then `python -m benchmarks report` and
-#   `python -m benchmarks chart` rewrite every set's markdown and chart from it (docs/benchmarks.md).
+#   --no-max-autotune"); in $OUT its runs.jsonl (this run's records), one <set>.md per dtype and plots.tar (the
+#   <set>.png charts). Back here: `cat <returned>/runs.jsonl >> benchmarks/results/runs.jsonl`, then
+#   `python -m benchmarks report` and `python -m benchmarks chart` (docs/benchmarks.md).
 # Each mode ends with one line, "GPU CHECK: PASS (exit 0)" / "GPU CHECK: FAIL (exit 1): <what failed>" (GPU BENCH
 # likewise), and exits with that status. Each step has a time cap so the whole call stays under LIMIT seconds.
 # Wheels in .whl/ (carried with the call) are installed first, for packages the machine lacks.
@@ -126,9 +126,10 @@ status=$?
 ls "$OUT"
 for md in "$OUT"/*.md; do [ -e "$md" ] && grep -E "^\| .*\| fcn_fast:" "$md" | cut -c1-160 | head -n 30; done
 # Rows by status; a provider that failed its correctness check fails the call.
-counts=$($PY - "$OUT" <<'PYEOF' 2>/dev/null
-import collections, glob, json, sys
-rows = [rec for f in glob.glob(sys.argv[1] + "/*.jsonl") for rec in map(json.loads, open(f)) if rec.get("record") == "row"]
+counts=$($PY - "$OUT/runs.jsonl" <<'PYEOF' 2>/dev/null
+import collections, sys
+from fcn_fast.bench import results
+rows = results.load(sys.argv[1]).rows
 print(" ".join(f"{v} {k}" for k, v in sorted(collections.Counter(r["status"] for r in rows).items())) or "no rows")
 PYEOF
 )

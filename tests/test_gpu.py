@@ -336,7 +336,7 @@ def test_cuda_kernels_clamp_malformed_tables():
     readers = torch.tensor([[-5, 100]] * 4, dtype=torch.int32, device="cuda")
     col_readers = torch.tensor([[0, 10_000]] * 5, dtype=torch.int32, device="cuda")
     target = torch.zeros(1, 8, 10, dtype=torch.int64, device="cuda")
-    lse = torch.zeros(1, 8, 10, device="cuda")
+    lse = torch.zeros(2, 1, 8, 10, device="cuda")  # the softmax statistics: max and log-sum planes
     grad = torch.ops.fcn_fast._upsample_cross_entropy_bwd(
         torch.ones(1, device="cuda"), coarse, target, None, lse, rows, row_w, readers, cols, col_w, col_readers, 255,
         0.0)

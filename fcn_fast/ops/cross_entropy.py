@@ -121,7 +121,8 @@ class _Cpu(_Native):
         """(loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
 
         The "mean" denominator comes first, from one pass over the labels, because the gradient the kernel writes
-        already carries 1 / denominator."""
+        already carries 1 / denominator. lse comes back empty: every backward of this loss runs the kernel again
+        (reduced_backward)."""
         acc = acc_dtype(flat_logits.dtype)
         denom_total = self.ops._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
         # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.

@@ -86,8 +86,6 @@ def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr,
     tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=(c < num_classes)[:, None] & p_mask[None, :])
 
 
-
-
 @on_tensor_device
 def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight), contiguous (N, S), and lse, the softmax
@@ -103,8 +101,8 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     _forward_kernel[(triton.cdiv(total, block_p),)](
         logits, target, weight if weight is not None else lse, loss, denom, lse,
         total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index,
-        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None, ACC=acc_type(logits.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p)
+        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None,
+        ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 

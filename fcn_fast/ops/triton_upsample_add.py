@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fcn_fast.ops._resample import Geometry, axis_taps
+from fcn_fast.ops._dispatch import acc_dtype
 from fcn_fast.ops.triton_common import (acc_type, adjoint_share, blend_taps, device_scalar, load_taps,
                                         on_tensor_device, taps_naming)
 
@@ -199,7 +200,7 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
         if grad_skip.numel() > 0:
             block_r, block_w = _tile(skip_w)
             grid = (triton.cdiv(n * c * skip_h, block_r), triton.cdiv(skip_w, block_w))
-            scale = device_scalar(float(skip_scale), torch.promote_types(grad.dtype, torch.float32), grad.device)
+            scale = device_scalar(float(skip_scale), acc_dtype(grad.dtype), grad.device)
             _grad_skip_kernel[grid](
                 grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1],
                 ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
