@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from fcn_fast._validation import check_int, check_pair
+from fcn_fast._validation import check_bool, check_int, check_pair
 
 MODES = ("deconv", "interp")
 
@@ -157,6 +157,7 @@ class Geometry:
             raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
         h, w = int(x.shape[-2]), int(x.shape[-1])
         offset = check_pair(op, "offset", offset, minimum=0)
+        align_corners = check_bool(op, "align_corners", align_corners)
         if mode == "deconv":
             full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
             if out_size is None:
@@ -173,7 +174,7 @@ class Geometry:
             out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
         if mode == "deconv" and align_corners:
             raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-        return cls(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
+        return cls(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, align_corners)
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64
