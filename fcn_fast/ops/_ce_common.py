@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 import torch
 
 from fcn_fast import _extension
-from fcn_fast._validation import INT_DTYPES, check_int, check_tensor, describe
+from fcn_fast._validation import INT_DTYPES, check_float, check_int, check_tensor, describe
+from fcn_fast.ops import _eager
 from fcn_fast.ops._dispatch import acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -65,8 +66,7 @@ def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight
     check_int(op, "ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    check_float(op, "label_smoothing", label_smoothing, minimum=0, maximum=1)
     num_classes = logits.shape[1]
     if weight is None:
         return None
@@ -127,17 +127,20 @@ def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reductio
     return mean(total, sum_in_fixed_order(denom_weight))
 
 
-def make_loss_backward(backward_op, handed_on=lambda ctx: ()):
+def make_loss_backward(op: str, backward_op, handed_on=lambda ctx: ()):
     """The autograd backward of a fused loss whose setup_context saved (input, target, weight, lse, denom) and set
     ``ctx.args`` (the backward op's arguments after those tensors) and ``ctx.num_args`` (how many inputs the forward
     took). ``backward_op`` is the custom backward op (the registered autograd) or its implementation (the eager
     Function, fcn_fast/ops/_eager.py). ``handed_on(ctx)`` gives tensors kept on ctx apart from the saved ones, passed
-    after them."""
+    after them. A gradient taken with create_graph=True raises, naming ``op``, when differentiated."""
 
     def backward(ctx, grad, *_grads_of_saved_outputs):
         grad_input = None
         if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
-            grad_input = backward_op(grad, *ctx.saved_tensors, *handed_on(ctx), *ctx.args)
+            saved = ctx.saved_tensors
+            grad_input = backward_op(grad, *saved, *handed_on(ctx), *ctx.args)
+            if torch.is_grad_enabled():  # create_graph=True
+                grad_input, = _eager.forbid_double_backward(op, (grad_input,), (grad, saved[0]))
         return grad_input, *([None] * (ctx.num_args - 1))
 
     return backward

@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from fcn_fast._validation import check_int, check_pair
+from fcn_fast._validation import check_bool, check_int, check_pair
 
 MODES = ("deconv", "interp")
 
@@ -181,6 +181,7 @@ class Geometry:
         # Sizes as they come: int() of a symbolic size would specialise a torch.export to the example's size.
         h, w = x.shape[-2], x.shape[-1]
         offset = check_pair(op, "offset", offset, minimum=0)
+        align_corners = check_bool(op, "align_corners", align_corners)
         if mode == "deconv":
             full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
             if out_size is None:
@@ -197,7 +198,7 @@ class Geometry:
             out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
         if mode == "deconv" and align_corners:
             raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-        return cls(mode, (h, w), (out[0], out[1]), factor, offset, bool(align_corners))
+        return cls(mode, (h, w), (out[0], out[1]), factor, offset, align_corners)
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fcn_fast import _backends
-from fcn_fast._validation import check_tensor, describe
+from fcn_fast._validation import check_bool, check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
 from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 
@@ -38,8 +38,7 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
                          f"target (N, d1, ...); got logits: {describe(logits)}; target: {describe(target)}")
     if logits.shape[1] == 0:
         raise ValueError(f"{OP}: logits must have at least one class, got {describe(logits)}")
-    if not isinstance(check_targets, bool):
-        raise TypeError(f"{OP}: check_targets must be a bool, got {check_targets!r}")
+    check_bool(OP, "check_targets", check_targets)
     return weight
 
 
@@ -203,6 +202,9 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_ta
     return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
 
 
+_eager.register_per_sample_vmap(_softmax_cross_entropy_op)
+
+
 def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
               backend, copy_forward_grad):
     flat_logits, flat_target = _flat(logits, target)
@@ -245,6 +247,9 @@ def _(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index
     return torch.empty_like(logits)
 
 
+_eager.register_per_sample_vmap(_softmax_cross_entropy_backward_op)
+
+
 def _setup_context(ctx, inputs, output, *, keep_forward_grad_apart=False):
     logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, _need_grad, backend = inputs
     _, lse, denom_total, forward_grad = output
@@ -277,11 +282,14 @@ def _eager_backward_impl(*args):
 
 
 _NO_FORWARD_GRAD = torch.empty(0)
-_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
+_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
     "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context,
-    _ce_common.make_loss_backward(_eager_backward_impl, handed_on=_take_forward_grad))
+    _ce_common.make_loss_backward(OP, _eager_backward_impl, handed_on=_take_forward_grad))
+_SoftmaxCrossEntropyTransformFunction = _eager.transform_function(
+    "_SoftmaxCrossEntropyTransformFunction", OP, _softmax_cross_entropy_op, _setup_context,
+    _ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -307,12 +315,15 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        The loss in logits' dtype: a scalar, or Tensor[N, d1, ...] for ``reduction="none"``. Differentiable with
-        respect to logits.
+        The loss in logits' dtype (float32 inside autocast, as ``F.cross_entropy``): a scalar, or Tensor[N, d1, ...]
+        for ``reduction="none"``. Differentiable with respect to logits (torch.func.grad and vmap too; not twice:
+        docs/backends.md).
     """
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
+    logits = _eager.autocast_float32(logits)
     name = _backends.resolve_backend(backend, logits.device, OP)
-    run = _SoftmaxCrossEntropyFunction.apply if _eager.takes_eager_path(logits, target, weight) else _softmax_cross_entropy_op
+    run = _eager.runner(_SoftmaxCrossEntropyFunction.apply, _SoftmaxCrossEntropyTransformFunction.apply,
+                        _softmax_cross_entropy_op, logits, target, weight)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets,
                         need_grad, name)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fcn_fast import _backends
-from fcn_fast._validation import check_tensor, describe
+from fcn_fast._validation import check_bool, check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
 from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
@@ -34,10 +34,11 @@ def _check_coarse(op: str, coarse) -> None:
 
 
 def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
-              label_smoothing) -> Tuple[Geometry, Optional[torch.Tensor]]:
+              label_smoothing, check_targets) -> Tuple[Geometry, Optional[torch.Tensor]]:
     """Everything but the label values, which the custom op checks (see _upsample_cross_entropy_op)."""
     _check_coarse(OP, coarse)
     weight = _ce_common.check_ce_options(OP, coarse, target, weight, ignore_index, reduction, label_smoothing)
+    check_bool(OP, "check_targets", check_targets)
     if target.dim() != 3 or target.shape[0] != coarse.shape[0]:
         raise ValueError(f"{OP}: target must be (N, H, W) with the N of coarse (N, C, h, w), got target: "
                          f"{describe(target)}; coarse: {describe(coarse)}")
@@ -164,6 +165,9 @@ def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, i
     return loss, target.new_empty(_ce_common.stats_shape(target.shape), dtype=acc), coarse.new_empty((), dtype=acc)
 
 
+_eager.register_per_sample_vmap(_upsample_cross_entropy_op)
+
+
 def _upsample_cross_entropy_backward_impl(grad: torch.Tensor, coarse: torch.Tensor, target: torch.Tensor,
                                           weight: Optional[torch.Tensor], lse: torch.Tensor, denom: torch.Tensor,
                                           factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
@@ -188,6 +192,9 @@ def _(grad, coarse, target, weight, lse, denom, factor, mode, offset_y, offset_x
     return torch.empty_like(coarse, memory_format=torch.contiguous_format)
 
 
+_eager.register_per_sample_vmap(_upsample_cross_entropy_backward_op)
+
+
 def _setup_context(ctx, inputs, output):
     coarse, target, weight = inputs[:3]
     _, lse, denom = output
@@ -200,11 +207,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-_upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_upsample_cross_entropy_backward_op),
+_upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_op),
                                              setup_context=_setup_context)
 _UpsampleCrossEntropyFunction = _eager.autograd_function(
     "_UpsampleCrossEntropyFunction", _upsample_cross_entropy_impl, _setup_context,
-    _ce_common.make_loss_backward(_upsample_cross_entropy_backward_impl))
+    _ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_impl))
+_UpsampleCrossEntropyTransformFunction = _eager.transform_function(
+    "_UpsampleCrossEntropyTransformFunction", OP, _upsample_cross_entropy_op, _setup_context,
+    _ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_op))
 
 
 def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: int, out_w: int, offset_y: int,
@@ -221,6 +231,9 @@ _upsample_argmax_op = torch.library.custom_op("fcn_fast::upsample_argmax", mutat
 @_upsample_argmax_op.register_fake
 def _(coarse, factor, mode, out_h, out_w, offset_y, offset_x, align_corners, dtype, backend):
     return coarse.new_empty((coarse.shape[0], out_h, out_w), dtype=dtype)
+
+
+_eager.register_per_sample_vmap(_upsample_argmax_op)
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -251,20 +264,22 @@ def upsample_cross_entropy(coarse: torch.Tensor, target: torch.Tensor, *, factor
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        The loss in coarse's dtype (accumulated in float32, float64 for float64). Differentiable in ``coarse`` only;
+        The loss in coarse's dtype (accumulated in float32, float64 for float64; float32 inside autocast, as
+        ``F.cross_entropy``). Differentiable in ``coarse`` only (torch.func.grad and vmap too; not twice);
         backward is a deterministic gather straight into grad_coarse. Memory: besides the inputs, the softmax
         statistics (two float32 (N, H, W) planes, kept for backward) and for reduction="none" the per-pixel loss and
         weight (two more); never anything of size N*C*H*W (except on the reference backend, which is the plain
         composition).
     """
     geometry, weight = _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
-                                 label_smoothing)
+                                 label_smoothing, check_targets)
+    coarse = _eager.autocast_float32(coarse)
     name = _backends.resolve_backend(backend, coarse.device, OP)
-    run = (_UpsampleCrossEntropyFunction.apply if _eager.takes_eager_path(coarse, target, weight)
-           else _upsample_cross_entropy_op)
+    run = _eager.runner(_UpsampleCrossEntropyFunction.apply, _UpsampleCrossEntropyTransformFunction.apply,
+                        _upsample_cross_entropy_op, coarse, target, weight)
     loss, _, _ = run(
         coarse, target, weight, geometry.factor, geometry.mode, geometry.offset[0], geometry.offset[1],
-        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), bool(check_targets), name)
+        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), check_targets, name)
     return loss
 
 
