@@ -5,17 +5,17 @@
 #   run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
 #
 # 1. builds with CUDA (pip install --no-build-isolation -e .), 2. runs the tests (not slow, plus every gpu test) on
-# CUDA and Triton, tests/test_gpu.py first (int64 indexing past 2**31 elements, determinism, streams: issue 7), at
-# most 210 s, 3. runs compute-sanitizer memcheck (90 s at most), then racecheck (90 s at most), over a small CUDA run
-# of every op (benchmarks/cuda_smoke.py), checking the fcn_fast kernels only (--kernel-name kns=fcn_fast) with the
-# caching allocator off (so memcheck sees every tensor's own bounds), 4. runs the benchmark suite on the GPU with what
-# time is left (cases not started in time are recorded as skipped), 5. leaves in $OUT: session.log, build.log,
-# pytest.log, sanitizer.log (both tools), <stem>.json, <stem>.md, plots.tar (7 files).
+# CUDA and Triton, tests/test_gpu.py first (int64 indexing past 2**31 elements, determinism, streams), at most 210 s,
+# 3. runs compute-sanitizer memcheck (90 s at most), then racecheck (90 s at most), over a small CUDA run of every op
+# (benchmarks/cuda_smoke.py), checking the fcn_fast kernels only (--kernel-name kns=fcn_fast) with the caching
+# allocator off (so memcheck sees every tensor's own bounds), 4. runs the benchmark suite on the GPU with what time is
+# left (cases not started in time are recorded as skipped), 5. leaves in $OUT: session.log, build.log, pytest.log,
+# sanitizer.log (both tools), runs.jsonl (this run's rows), one <set>.md per dtype, plots.tar (the <set>.png charts).
 #
 # Arguments go to the suite instead of the default "--dtypes fp32,bf16 --no-max-autotune". A follow-up call on the
-# still-warm machine can skip steps 2-3:  SKIP_CHECKS=1 bash benchmarks/gpu_session.sh --dtypes fp16 --name cuda_fp16
-# Back here: copy <stem>.json/.md into benchmarks/results/, `python -m benchmarks report benchmarks/results/<stem>.json`
-# redraws the PNGs, and `python -m benchmarks compare A.json B.json` puts two runs side by side.
+# still-warm machine can skip steps 2-3:  SKIP_CHECKS=1 bash benchmarks/gpu_session.sh --dtypes fp16
+# Back here: `cat <returned>/runs.jsonl >> benchmarks/results/runs.jsonl`, then `python -m benchmarks report` and
+# `python -m benchmarks chart` rewrite every set's markdown and chart from it (docs/benchmarks.md, "Results as data").
 set -u -o pipefail
 OUT=${OUT:-/tmp/fcn_fast_gpu_out}
 mkdir -p "$OUT"

@@ -1,10 +1,12 @@
 """Backend registry and selection.
 
 Every op runs on one of these backends:
-  reference  plain PyTorch, the ground truth; runs anywhere
-  cpu        the C++/OpenMP kernels of fcn_fast._C; CPU tensors
-  cuda       the CUDA kernels of fcn_fast._C; CUDA tensors
-  triton     Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow: for tests)
+  reference      plain PyTorch, the ground truth; runs anywhere
+  cpu            the C++/OpenMP kernels of fcn_fast._C; CPU tensors
+  cuda           the CUDA kernels of fcn_fast._C; CUDA tensors
+  triton         Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow: for tests)
+  cuda_emulated  the CUDA kernels' own source on an emulated CUDA execution model (fcn_fast._C_emu, built with
+                 FCN_FAST_BUILD_EMULATED=1; docs/emulator.md); CPU tensors (slow: for tests, never chosen by default)
 
 A backend is one ``Backend`` entry in ``REGISTRY``: which implementation of every op it runs (``kernels``, the name of
 an op module's entry, see fcn_fast/ops/_dispatch.py), the torch.ops namespace holding its native kernels, the
@@ -25,7 +27,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from fcn_fast import _extension
+from fcn_fast import _emulator, _extension
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Backend:
         "cuda" or "triton"); two backends may run the same one (with different native kernels).
     devices: device types of the tensors it takes (None: any); ``interpreted_devices`` too, under TRITON_INTERPRET=1.
     namespace: native backends: the ``torch.ops`` namespace whose ``_<op>_fwd``/``_<op>_bwd`` kernels it calls.
+    wrap_ops: what the kernels call instead of that namespace, made from it (cuda_emulated checks every call under
+        two thread schedules).
     error: why it is unavailable here, or None.
     runs: what it runs on, shown when it is available.
     """
@@ -99,6 +103,7 @@ class Backend:
     runs: str
     namespace: Optional[str] = None
     interpreted_devices: Tuple[str, ...] = ()
+    wrap_ops: Optional[Callable] = None
 
     def runs_on(self, device_type: str) -> bool:
         if self.devices is None or device_type in self.devices:
@@ -111,7 +116,10 @@ class Backend:
 
     def ops(self):
         """The torch.ops namespace of its native kernels (None for the others)."""
-        return getattr(torch.ops, self.namespace) if self.namespace else None
+        if not self.namespace:
+            return None
+        namespace = getattr(torch.ops, self.namespace)
+        return self.wrap_ops(namespace) if self.wrap_ops else namespace
 
 
 REGISTRY: Dict[str, Backend] = {b.name: b for b in (
@@ -123,6 +131,9 @@ REGISTRY: Dict[str, Backend] = {b.name: b for b in (
             runs="CUDA kernels, CUDA tensors"),
     Backend("triton", kernels="triton", devices=("cuda",), interpreted_devices=("cpu",), error=_triton_error_here,
             runs="Triton kernels, CUDA tensors (CPU tensors under TRITON_INTERPRET=1; slow)"),
+    Backend("cuda_emulated", kernels="cuda", namespace="fcn_fast_emu", devices=("cpu",),
+            error=_extension.emulated_load_error, wrap_ops=_emulator.CheckedOps,
+            runs="CUDA kernels on an emulated CUDA execution model, CPU tensors (slow: for tests)"),
 )}
 
 BACKENDS: Tuple[str, ...] = tuple(REGISTRY)

@@ -1,9 +1,11 @@
-"""Loads the native kernels (fcn_fast._C) if they were built, and says why not otherwise."""
+"""Loads the native kernels (fcn_fast._C) if they were built, and says why not otherwise; the same for the emulated
+CUDA kernels (fcn_fast._C_emu, docs/emulator.md), on first use."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -34,3 +36,27 @@ def has_cuda_kernels() -> bool:
 def build_info() -> dict:
     """What fcn_fast._C was compiled with ({} when it did not load)."""
     return dict(_build_info)
+
+
+def emulated_built() -> bool:
+    """Whether fcn_fast._C_emu exists (it may still fail to load: emulated_load_error says)."""
+    return importlib.util.find_spec("fcn_fast._C_emu") is not None
+
+
+_emulated: Dict[str, Optional[str]] = {}  # memo, not functools.lru_cache: Dynamo warns when tracing one
+
+
+def emulated_load_error() -> Optional[str]:
+    """Why fcn_fast._C_emu (the CUDA kernels compiled against the emulated CUDA execution model) is unusable, or None
+    when it loaded (on the first call). Built only on request: FCN_FAST_BUILD_EMULATED=1 at install time."""
+    if "error" not in _emulated:
+        if not emulated_built():
+            _emulated["error"] = "fcn_fast._C_emu is not built: install with FCN_FAST_BUILD_EMULATED=1 (docs/emulator.md)"
+        else:
+            try:
+                from fcn_fast import _C_emu  # noqa: F401  (importing registers the fcn_fast_emu ops with torch)
+            except Exception as exc:  # pragma: no cover - a broken build
+                _emulated["error"] = f"fcn_fast._C_emu could not be loaded ({type(exc).__name__}: {exc})"
+            else:
+                _emulated["error"] = None
+    return _emulated["error"]

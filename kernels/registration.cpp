@@ -1,17 +1,28 @@
 // The one schema block of fcn_fast._C. Each kernel source registers the dispatch key it implements
 // (kernels/cpu/*.cpp: CPU, kernels/cuda/*.cu: CUDA). These are the native kernel ops behind the public custom ops
 // defined in fcn_fast/ops/*.py, which validate arguments, pick the backend and carry autograd and fake kernels.
+// The emulated CUDA build (fcn_fast._C_emu, docs/emulator.md) compiles this file again with FCN_FAST_EXTENSION=_C_emu
+// and FCN_FAST_OP_NAMESPACE=fcn_fast_emu: the same schemas in their own namespace.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
-extern "C" {
-// Importing fcn_fast._C from Python loads the library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fcn_fast native kernels", -1, nullptr};
+#include "fcn_fast/common.h"
+
+#ifndef FCN_FAST_EXTENSION
+#define FCN_FAST_EXTENSION _C
+#endif
+#define FCN_FAST_CAT_(a, b) a##b
+#define FCN_FAST_CAT(a, b) FCN_FAST_CAT_(a, b)
+#define FCN_FAST_STR_(a) #a
+#define FCN_FAST_STR(a) FCN_FAST_STR_(a)
+
+// Importing fcn_fast._C (or _C_emu) from Python loads the library, which runs the registrations below.
+PyMODINIT_FUNC FCN_FAST_CAT(PyInit_, FCN_FAST_EXTENSION)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, FCN_FAST_STR(FCN_FAST_EXTENSION),
+                                          "fcn_fast native kernels", -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 namespace fcn_fast {
@@ -24,6 +35,9 @@ static std::string build_info() {
 #else
   info += "\"cuda\": false";
 #endif
+#ifdef FCN_FAST_EMULATE_CUDA
+  info += ", \"emulated_cuda\": true";
+#endif
 #ifdef _OPENMP
   info += ", \"openmp\": " + std::to_string(_OPENMP);
 #else
@@ -33,7 +47,7 @@ static std::string build_info() {
   return info;
 }
 
-TORCH_LIBRARY(fcn_fast, m) {
+FCN_FAST_LIBRARY(m) {
   m.def("_build_info() -> str", &build_info);
 
   // upsample_add: out = crop(bilinear(x)) + skip_scale * crop(skip); geometry comes as tap tables (bilinear.h).
@@ -46,7 +60,7 @@ TORCH_LIBRARY(fcn_fast, m) {
       "Tensor col_index, Tensor col_weight, Tensor col_readers, int in_h, int in_w, int skip_h, int skip_w, "
       "int skip_y, int skip_x, float skip_scale, bool need_x, bool need_skip) -> (Tensor, Tensor)");
 
-  // softmax_cross_entropy kernels (issue 4). logits (N, C, S) with any strides, target (N, S) of any integer dtype,
+  // softmax_cross_entropy kernels. logits (N, C, S) with any strides, target (N, S) of any integer dtype,
   // weight: contiguous (C,) of the accumulate dtype (float32; float64 for float64 logits). Labels outside [0, C) are
   // ignored (the Python front end has rejected them unless check_targets=False). Per-pixel outputs are (N, S) in the
   // accumulate dtype: (loss, weight of the pixel in the "mean" denominator, log-sum-exp saved for backward).
@@ -74,7 +88,7 @@ TORCH_LIBRARY(fcn_fast, m) {
   // label check the Python front end runs before the loss kernels (CPU; on CUDA two torch reductions do it).
   m.def("_label_bounds(Tensor target, int ignore_index) -> Tensor");
 
-  // upsample_cross_entropy / upsample_argmax kernels (issue 4).
+  // upsample_cross_entropy / upsample_argmax kernels.
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
   // (loss, denom_weight, lse) in the accumulate dtype, lse (N, H, W); loss and denom_weight (N, H, W) when per_pixel,
   // else partial sums (1-D, a length of the backend's choosing) added in a fixed order, whose totals are the sums

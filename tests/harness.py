@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import List
 
 import pytest
 import torch
 
-from fcn_fast._backends import available_backends
+from fcn_fast import _extension
+from fcn_fast._backends import BACKENDS, available_backends
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -23,20 +26,23 @@ DTYPES = list(TOLERANCES)
 
 def device_for(backend: str) -> torch.device:
     """The device a backend is tested on: cuda and triton on the GPU when there is one; triton on the CPU through
-    its interpreter otherwise."""
+    its interpreter otherwise; cuda_emulated (the CUDA kernels on an emulated execution model) on the CPU."""
     if backend == "cuda" or (backend == "triton" and HAS_CUDA):
         return torch.device("cuda")
     return torch.device("cpu")
 
 
 def backend_params(include_reference: bool = True) -> List:
-    """pytest params for every backend, each skipped with the reason it is unavailable here."""
+    """pytest params for every registered backend, each skipped with the reason it is unavailable here."""
     status = available_backends()
     params = []
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in BACKENDS:
         if name == "reference" and not include_reference:
             continue
-        marks = [pytest.mark.skipif(not status[name].available, reason=status[name].reason)]
+        # The emulated CUDA kernels are skipped only when they were not built (FCN_FAST_BUILD_EMULATED=1): a build that
+        # does not load fails its tests instead.
+        skip = not status[name].available and not (name == "cuda_emulated" and _extension.emulated_built())
+        marks = [pytest.mark.skipif(skip, reason=status[name].reason)]
         if name == "triton":
             marks.append(pytest.mark.triton)
         params.append(pytest.param(name, marks=marks, id=name))
@@ -51,3 +57,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     if actual.device != expected.device:
         actual, expected = actual.cpu(), expected.cpu()
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
+
+
+# Peer libraries the test extra installs (torchvision, segmentation_models_pytorch, onnx, onnxscript, onnxruntime).
+# Required: a missing one fails the run, unless this variable names it (comma-separated top-level names, or "all"),
+# for an environment that legitimately cannot install it (e.g. a CI leg on a torch that no torchvision matches).
+OPTIONAL_PEERS_ENV = "FCN_FAST_OPTIONAL_PEERS"
+
+
+def peer(module: str):
+    """Import a peer library for a test module: an ImportError fails the run, or skips the module when
+    FCN_FAST_OPTIONAL_PEERS lists the library."""
+    optional = {name.strip() for name in os.environ.get(OPTIONAL_PEERS_ENV, "").split(",") if name.strip()}
+    top = module.split(".")[0]
+    if top in optional or "all" in optional:
+        return pytest.importorskip(module, reason=f"{top} is not installed ({OPTIONAL_PEERS_ENV} allows that here)")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{exc}: the test extra installs it (pip install -e '.[test]'); set {OPTIONAL_PEERS_ENV}="
+                          f"{top} where it cannot be installed") from exc

@@ -50,7 +50,7 @@ def record_backend(monkeypatch):
 
 def test_available_backends():
     status = fcn_fast.available_backends()
-    assert list(status) == ["reference", "cpu", "cuda", "triton"]
+    assert list(status) == ["reference", "cpu", "cuda", "triton", "cuda_emulated"]
     assert status["reference"].available
     for name, s in status.items():
         assert s.name == name and isinstance(s.reason, str) and s.reason

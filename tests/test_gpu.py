@@ -1,5 +1,5 @@
-"""GPU-only checks of the cuda and triton backends (issue 7): 64-bit indexing past 2**31 elements, bitwise
-deterministic backward passes, kernels on the caller's current stream and device.
+"""GPU-only checks of the cuda and triton backends, the properties a CPU run cannot check: 64-bit indexing past
+2**31 elements, bitwise deterministic backward passes, kernels on the caller's current stream and device.
 
 Every test is marked ``gpu`` and skipped without a CUDA device; nothing touches CUDA at import or collection time.
 The large cases hold more than 2**31 elements (the fused losses: output pixels, virtual logits far more) but check

@@ -155,7 +155,8 @@ class Geometry:
         factor = check_int(op, "factor", factor, minimum=1)
         if mode not in MODES:
             raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-        h, w = int(x.shape[-2]), int(x.shape[-1])
+        # Sizes as they come: int() of a symbolic size would specialise a torch.export to the example's size.
+        h, w = x.shape[-2], x.shape[-1]
         offset = check_pair(op, "offset", offset, minimum=0)
         align_corners = check_bool(op, "align_corners", align_corners)
         if mode == "deconv":
@@ -174,7 +175,7 @@ class Geometry:
             out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
         if mode == "deconv" and align_corners:
             raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-        return cls(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, align_corners)
+        return cls(mode, (h, w), (out[0], out[1]), factor, offset, align_corners)
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64

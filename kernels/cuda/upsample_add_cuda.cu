@@ -3,41 +3,19 @@
 // One thread per output element, consecutive threads along W, so the stores and the skip loads coalesce and the
 // 2x2 input taps of a warp fall in a few cache lines. The backward pass is a gather with one thread per input
 // element (grad_x: the sum over its readers ranges, in a fixed order, so no atomics and a bitwise reproducible
-// result) and one per skip element (grad_skip: the scaled, padded copy). Index math runs in int32 unless a tensor
-// has 2^31 elements or more. The tap tables come from fcn_fast/ops/_resample.py; their shapes and dtypes are
-// checked here, their values are trusted (checking them would need a device synchronisation).
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// result) and one per skip element (grad_skip: the scaled, padded copy). Launch policy and index width:
+// cuda_launch.h. The tap tables come from fcn_fast/ops/_resample.py; their shapes and dtypes are checked here, their
+// values are clamped where read (bilinear.h).
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
-#include <initializer_list>
-#include <limits>
 
 #include "fcn_fast/bilinear.h"
+#include "fcn_fast/cuda_launch.h"
 #include "fcn_fast/upsample_add.h"
 
 namespace fcn_fast {
 namespace {
-
-constexpr int kThreads = 256;
-// Enough blocks to fill any current GPU several times over; larger problems loop (grid-stride).
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-int blocks_for(int64_t numel) {
-  return static_cast<int>(std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-// int32 indices are safe when every index, and an index plus one grid stride, stays below 2^31.
-bool fits_int32(std::initializer_list<int64_t> sizes) {
-  const int64_t limit = std::numeric_limits<int32_t>::max() - kMaxBlocks * kThreads;
-  for (int64_t s : sizes) {
-    if (s >= limit) return false;
-  }
-  return true;
-}
 
 template <typename scalar_t, typename acc, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ skip,
@@ -46,8 +24,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* _
                                const acc* __restrict__ col_weight, index_t numel, index_t in_h, index_t in_w,
                                index_t out_h, index_t out_w, index_t skip_h, index_t skip_w, index_t skip_y,
                                index_t skip_x, acc scale) {
-  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+  FCN_GRID_STRIDE_LOOP(index_t, i, numel) {
     const index_t ox = i % out_w;
     const index_t row = i / out_w;
     const index_t oy = row % out_h;
@@ -67,8 +44,7 @@ __global__ void grad_x_kernel(const scalar_t* __restrict__ grad, scalar_t* __res
                               const int32_t* __restrict__ row_readers, const int32_t* __restrict__ col_index,
                               const acc* __restrict__ col_weight, const int32_t* __restrict__ col_readers,
                               index_t numel, index_t in_h, index_t in_w, index_t out_h, index_t out_w) {
-  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+  FCN_GRID_STRIDE_LOOP(index_t, i, numel) {
     const index_t ix = i % in_w;
     const index_t row = i / in_w;
     const index_t iy = row % in_h;
@@ -96,8 +72,7 @@ template <typename scalar_t, typename acc, typename index_t>
 __global__ void grad_skip_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ grad_skip, index_t numel,
                                  index_t out_h, index_t out_w, index_t skip_h, index_t skip_w, index_t skip_y,
                                  index_t skip_x, acc scale) {
-  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+  FCN_GRID_STRIDE_LOOP(index_t, i, numel) {
     const index_t sx = i % skip_w;
     const index_t row = i / skip_w;
     const index_t sy = row % skip_h;
@@ -112,21 +87,11 @@ __global__ void grad_skip_kernel(const scalar_t* __restrict__ grad, scalar_t* __
   }
 }
 
-// Runs launch(index_t{}) with int32 indices when they suffice, int64 otherwise.
-template <typename Launch>
-void with_index_type(bool int32_suffices, Launch&& launch) {
-  if (int32_suffices) {
-    launch(int32_t(0));
-  } else {
-    launch(int64_t(0));
-  }
-}
-
 at::Tensor upsample_add_fwd_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& skip_in,
                                  const at::Tensor& row_index, const at::Tensor& row_weight,
                                  const at::Tensor& col_index, const at::Tensor& col_weight, int64_t skip_y,
                                  int64_t skip_x, double skip_scale) {
-  c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceGuard guard(x_in.device());
   // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
   at::Tensor x, skip, out;
   std::tie(x, skip, out) =
@@ -135,21 +100,19 @@ at::Tensor upsample_add_fwd_cuda(const at::Tensor& x_in, const c10::optional<at:
   if (numel == 0) return out;
   const int64_t out_h = out.size(2), out_w = out.size(3);
   const int64_t skip_h = skip.defined() ? skip.size(2) : 0, skip_w = skip.defined() ? skip.size(3) : 0;
-  const bool int32_suffices = fits_int32({numel, x.numel(), skip.defined() ? skip.numel() : 0});
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::Stream stream = cuda::current_stream();
   FCN_DISPATCH_FLOATING(x.scalar_type(), "upsample_add_fwd_cuda", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* skip_data = skip.defined() ? skip.data_ptr<scalar_t>() : nullptr;
-    with_index_type(int32_suffices, [&](auto index_zero) {
+    cuda::with_index_type({numel, x.numel(), skip.defined() ? skip.numel() : 0}, [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      forward_kernel<scalar_t, acc, index_t><<<blocks_for(numel), kThreads, 0, stream>>>(
+      cuda::launch(forward_kernel<scalar_t, acc, index_t>, cuda::blocks_for(numel), stream,
           x.data_ptr<scalar_t>(), skip_data, out.data_ptr<scalar_t>(), row_index.data_ptr<int32_t>(),
           row_weight.data_ptr<acc>(), col_index.data_ptr<int32_t>(), col_weight.data_ptr<acc>(),
           static_cast<index_t>(numel), static_cast<index_t>(x.size(2)), static_cast<index_t>(x.size(3)),
           static_cast<index_t>(out_h), static_cast<index_t>(out_w), static_cast<index_t>(skip_h),
           static_cast<index_t>(skip_w), static_cast<index_t>(skip_y), static_cast<index_t>(skip_x),
           static_cast<acc>(skip_scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
@@ -160,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_bwd_cuda(
     const at::Tensor& col_index, const at::Tensor& col_weight, const at::Tensor& col_readers, int64_t in_h,
     int64_t in_w, int64_t skip_h, int64_t skip_w, int64_t skip_y, int64_t skip_x, double skip_scale, bool need_x,
     bool need_skip) {
-  c10::cuda::CUDAGuard guard(grad_in.device());
+  const cuda::DeviceGuard guard(grad_in.device());
   at::Tensor grad, grad_x, grad_skip;
   std::tie(grad, grad_x, grad_skip) =
       prepare_upsample_add_backward(grad_in, row_index, row_weight, row_readers, col_index, col_weight, col_readers,
@@ -171,28 +134,25 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_bwd_cuda(
     return {grad_x, grad_skip};
   }
   const int64_t out_h = grad.size(2), out_w = grad.size(3);
-  const bool int32_suffices = fits_int32({grad.numel(), grad_x.numel(), grad_skip.numel()});
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::Stream stream = cuda::current_stream();
   FCN_DISPATCH_FLOATING(grad.scalar_type(), "upsample_add_bwd_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    with_index_type(int32_suffices, [&](auto index_zero) {
+    cuda::with_index_type({grad.numel(), grad_x.numel(), grad_skip.numel()}, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       if (grad_x.numel() > 0) {
-        grad_x_kernel<scalar_t, acc, index_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
+        cuda::launch(grad_x_kernel<scalar_t, acc, index_t>, cuda::blocks_for(grad_x.numel()), stream,
             grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), row_index.data_ptr<int32_t>(),
             row_weight.data_ptr<acc>(), row_readers.data_ptr<int32_t>(), col_index.data_ptr<int32_t>(),
             col_weight.data_ptr<acc>(), col_readers.data_ptr<int32_t>(), static_cast<index_t>(grad_x.numel()),
             static_cast<index_t>(in_h), static_cast<index_t>(in_w), static_cast<index_t>(out_h),
             static_cast<index_t>(out_w));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (grad_skip.numel() > 0) {
-        grad_skip_kernel<scalar_t, acc, index_t><<<blocks_for(grad_skip.numel()), kThreads, 0, stream>>>(
+        cuda::launch(grad_skip_kernel<scalar_t, acc, index_t>, cuda::blocks_for(grad_skip.numel()), stream,
             grad.data_ptr<scalar_t>(), grad_skip.data_ptr<scalar_t>(), static_cast<index_t>(grad_skip.numel()),
             static_cast<index_t>(out_h), static_cast<index_t>(out_w), static_cast<index_t>(skip_h),
             static_cast<index_t>(skip_w), static_cast<index_t>(skip_y), static_cast<index_t>(skip_x),
             static_cast<acc>(skip_scale));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
@@ -201,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fcn_fast, CUDA, m) {
+FCN_FAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("_upsample_add_fwd", &upsample_add_fwd_cuda);
   m.impl("_upsample_add_bwd", &upsample_add_bwd_cuda);
 }

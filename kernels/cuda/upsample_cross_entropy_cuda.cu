@@ -5,16 +5,10 @@
 // per-pixel cross-entropy (CeAccumulator, softmax_ce.h) or argmax. Backward: one thread per coarse element (n, c,
 // iy, ix) gathers the output pixels in its readers window, recomputing each one's logit z_c from the coarse map and
 // its softmax from the saved log-sum-exp: grad_coarse is written once per element, no atomics, deterministic.
-// Indices are int32 unless a tensor holds more than 2^31 - 1 elements (then int64).
+// Launch policy and index width: cuda_launch.h.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <initializer_list>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -22,25 +16,12 @@
 #include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
 #include "fcn_fast/cross_entropy_host.h"
+#include "fcn_fast/cuda_launch.h"
 #include "fcn_fast/softmax_ce.h"
 #include "fcn_fast/upsample_ce.h"
 
 namespace fcn_fast {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t blocks_for(int64_t count) {
-  return std::max<int64_t>(1, std::min<int64_t>((count + kThreads - 1) / kThreads, std::numeric_limits<int32_t>::max()));
-}
-
-// int32 indexing when every count (and a grid-stride step past it) stays below 2^31.
-inline bool fits_int32(std::initializer_list<int64_t> sizes) {
-  for (int64_t s : sizes) {
-    if (s > std::numeric_limits<int32_t>::max() / 2) return false;
-  }
-  return true;
-}
 
 // The logit of class plane `plane` at output (oy, ox), rounded to scalar_t as upsample_add returns it.
 template <typename scalar_t, typename acc_t>
@@ -51,12 +32,12 @@ __device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const Up
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
-// The sum of `value` over the block's kThreads threads, in thread 0: a fixed tree, so the same on every run.
+// The sum of `value` over the block's threads, in thread 0: a fixed tree, so the same on every run.
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* shared) {
   shared[threadIdx.x] = value;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+  for (int stride = cuda::kThreadsPerBlock / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
     __syncthreads();
   }
@@ -64,7 +45,8 @@ __device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* shared) {
 }
 
 // per_pixel: loss and denom are per pixel; otherwise each block writes its sums to loss[blockIdx.x] and
-// denom[blockIdx.x] (a reduced loss then needs no per-pixel buffers). Launched with kThreads threads a block.
+// denom[blockIdx.x] (a reduced loss then needs no per-pixel buffers). Launched with cuda::kThreadsPerBlock threads a
+// block.
 template <typename scalar_t, typename label_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                const acc_t<scalar_t>* __restrict__ class_weight, UpsampleTaps<acc_t<scalar_t>> taps,
@@ -76,8 +58,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
   const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
   const index_t out_hw = static_cast<index_t>(taps.out_h * taps.out_w);
   acc thread_loss = 0, thread_denom = 0;
-  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
-       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  FCN_GRID_STRIDE_LOOP(index_t, p, pixels) {
     const index_t n = p / out_hw, rem = p - n * out_hw;
     const index_t oy = rem / static_cast<index_t>(taps.out_w), ox = rem - oy * static_cast<index_t>(taps.out_w);
     const int64_t t = static_cast<int64_t>(target[p]);
@@ -99,7 +80,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
     lse[p] = pixel_lse;
   }
   if (!per_pixel) {  // uniform across the grid, so every thread reaches the barriers
-    __shared__ acc shared[kThreads];
+    __shared__ acc shared[cuda::kThreadsPerBlock];
     const acc block_loss = block_sum(thread_loss, shared);
     __syncthreads();  // thread 0 has read shared[0] before it is overwritten
     const acc block_denom = block_sum(thread_denom, shared);
@@ -123,8 +104,7 @@ __global__ void backward_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, 
   const index_t in_w = static_cast<index_t>(taps.in_w), out_w = static_cast<index_t>(taps.out_w);
   const index_t plane_size = static_cast<index_t>(taps.in_h) * in_w;
   const index_t out_hw = static_cast<index_t>(taps.out_h) * out_w;
-  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
-       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  FCN_GRID_STRIDE_LOOP(index_t, e, elements) {
     const index_t plane_index = e / plane_size, rem = e - plane_index * plane_size;
     const index_t iy = rem / in_w, ix = rem - iy * in_w;
     const index_t n = plane_index / static_cast<index_t>(num_classes);
@@ -158,8 +138,7 @@ __global__ void argmax_kernel(const scalar_t* __restrict__ coarse, UpsampleTaps<
   using acc = acc_t<scalar_t>;
   const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
   const index_t out_hw = static_cast<index_t>(taps.out_h * taps.out_w);
-  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
-       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  FCN_GRID_STRIDE_LOOP(index_t, p, pixels) {
     const index_t n = p / out_hw, rem = p - n * out_hw;
     const index_t oy = rem / static_cast<index_t>(taps.out_w), ox = rem - oy * static_cast<index_t>(taps.out_w);
     const scalar_t* planes = coarse + n * static_cast<index_t>(num_classes) * plane_size;
@@ -182,9 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     const at::Tensor& col_weight, int64_t ignore_index, double smoothing, bool per_pixel) {
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
-  const c10::cuda::CUDAGuard guard(coarse.device());
+  const cuda::DeviceGuard guard(coarse.device());
   const int64_t pixels = target.numel();
-  const int64_t blocks = blocks_for(pixels);
+  const int64_t blocks = cuda::blocks_for(pixels);
   at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
   // Per pixel, or one (loss, denom) sum per block.
   std::tie(loss, denom, lse) =
@@ -196,8 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     }
     return std::make_tuple(loss, denom, lse);
   }
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_int32({pixels, coarse.numel()});
+  const cuda::Stream stream = cuda::current_stream();
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_fwd_cuda", [&] {
     using scalar = scalar_t;
     using acc = acc_t<scalar>;
@@ -205,17 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
-      if (small) {
-        forward_kernel<scalar, label, int32_t><<<blocks, kThreads, 0, stream>>>(
-            coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
-            acc(smoothing), static_cast<int32_t>(pixels), per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
-            lse.data_ptr<acc>());
-      } else {
-        forward_kernel<scalar, label, int64_t><<<blocks, kThreads, 0, stream>>>(
-            coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index,
-            acc(smoothing), pixels, per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::with_index_type({pixels, coarse.numel()}, [&](auto index_zero) {
+        using index_t = decltype(index_zero);
+        cuda::launch(forward_kernel<scalar, label, index_t>, blocks, stream, coarse.data_ptr<scalar>(),
+                     target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index, acc(smoothing),
+                     static_cast<index_t>(pixels), per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
+                     lse.data_ptr<acc>());
+      });
     });
   });
   return std::make_tuple(loss, denom, lse);
@@ -230,12 +204,11 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight, &row_readers, &col_readers);
   check_ce_arguments(coarse, target, weight, row_index, col_index);
   check_ce_backward_arguments(grad_pixel, target, lse, row_weight.scalar_type());
-  const c10::cuda::CUDAGuard guard(coarse.device());
+  const cuda::DeviceGuard guard(coarse.device());
   at::Tensor grad_coarse = at::empty_like(coarse);
   const int64_t elements = coarse.numel();
   if (elements == 0) return grad_coarse;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_int32({elements, target.numel()});
+  const cuda::Stream stream = cuda::current_stream();
   const bool per_pixel = grad_pixel.numel() != 1;
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_cross_entropy_bwd_cuda", [&] {
     using scalar = scalar_t;
@@ -244,20 +217,14 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
-      if (small) {
-        backward_kernel<scalar, label, int32_t><<<blocks_for(elements), kThreads, 0, stream>>>(
-            grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
-            class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
-            col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing),
-            static_cast<int32_t>(elements), grad_coarse.data_ptr<scalar>());
-      } else {
-        backward_kernel<scalar, label, int64_t><<<blocks_for(elements), kThreads, 0, stream>>>(
-            grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
-            class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
-            col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing), elements,
-            grad_coarse.data_ptr<scalar>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::with_index_type({elements, target.numel()}, [&](auto index_zero) {
+        using index_t = decltype(index_zero);
+        cuda::launch(backward_kernel<scalar, label, index_t>, cuda::blocks_for(elements), stream,
+                     grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
+                     class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
+                     col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing),
+                     static_cast<index_t>(elements), grad_coarse.data_ptr<scalar>());
+      });
     });
   });
   return grad_coarse;
@@ -267,25 +234,21 @@ at::Tensor upsample_argmax(const at::Tensor& coarse, const at::Tensor& row_index
                            const at::Tensor& col_index, const at::Tensor& col_weight, at::ScalarType dtype) {
   check_upsample_geometry(coarse, row_index, row_weight, col_index, col_weight);
   check_label_dtype(coarse, dtype);
-  const c10::cuda::CUDAGuard guard(coarse.device());
+  const cuda::DeviceGuard guard(coarse.device());
   at::Tensor labels = at::empty({coarse.size(0), row_index.size(0), col_index.size(0)}, coarse.options().dtype(dtype));
   const int64_t pixels = labels.numel();
   if (pixels == 0) return labels;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_int32({pixels, coarse.numel()});
+  const cuda::Stream stream = cuda::current_stream();
   FCN_DISPATCH_FLOATING(coarse.scalar_type(), "upsample_argmax_cuda", [&] {
     using acc = acc_t<scalar_t>;
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     auto launch = [&](auto* out) {
       using label = std::remove_pointer_t<decltype(out)>;
-      if (small) {
-        argmax_kernel<scalar_t, label, int32_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
-            coarse.data_ptr<scalar_t>(), taps, coarse.size(1), static_cast<int32_t>(pixels), out);
-      } else {
-        argmax_kernel<scalar_t, label, int64_t><<<blocks_for(pixels), kThreads, 0, stream>>>(
-            coarse.data_ptr<scalar_t>(), taps, coarse.size(1), pixels, out);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::with_index_type({pixels, coarse.numel()}, [&](auto index_zero) {
+        using index_t = decltype(index_zero);
+        cuda::launch(argmax_kernel<scalar_t, label, index_t>, cuda::blocks_for(pixels), stream,
+                     coarse.data_ptr<scalar_t>(), taps, coarse.size(1), static_cast<index_t>(pixels), out);
+      });
     };
     if (dtype == at::kLong) {
       launch(labels.data_ptr<int64_t>());
@@ -298,7 +261,7 @@ at::Tensor upsample_argmax(const at::Tensor& coarse, const at::Tensor& row_index
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fcn_fast, CUDA, m) {
+FCN_FAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("_upsample_cross_entropy_fwd", &upsample_cross_entropy_fwd);
   m.impl("_upsample_cross_entropy_bwd", &upsample_cross_entropy_bwd);
   m.impl("_upsample_argmax", &upsample_argmax);

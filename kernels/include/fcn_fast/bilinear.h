@@ -17,6 +17,16 @@
 
 namespace fcn_fast {
 
+// Whether host code checks the table entries of tensors like `t`: for CPU tensors, except in the emulated CUDA build
+// (docs/emulator.md), whose kernels run on CPU tensors and must show that the CUDA kernels' clamps suffice.
+inline bool host_checks_table_entries(const at::Tensor& t) {
+#ifdef FCN_FAST_EMULATE_CUDA
+  return false;
+#else
+  return t.is_cpu();
+#endif
+}
+
 // v clamped into [0, size): a no-op for every table _resample.py builds.
 FCN_HD int64_t clamp_index(int64_t v, int64_t size) { return v < 0 ? 0 : (v >= size ? size - 1 : v); }
 

@@ -13,6 +13,20 @@
 #define FCN_HD inline
 #endif
 
+// The torch.ops namespace the kernels register in: fcn_fast, or fcn_fast_emu in the emulated CUDA build (setup.py,
+// docs/emulator.md), whose ops then live beside the real ones.
+#ifndef FCN_FAST_OP_NAMESPACE
+#define FCN_FAST_OP_NAMESPACE fcn_fast
+#endif
+// TORCH_LIBRARY, TORCH_LIBRARY_FRAGMENT and TORCH_LIBRARY_IMPL in that namespace (the inner macros expand it before
+// torch's paste it into names).
+#define FCN_FAST_LIBRARY(m) FCN_FAST_TORCH_LIBRARY_(FCN_FAST_OP_NAMESPACE, m)
+#define FCN_FAST_LIBRARY_FRAGMENT(m) FCN_FAST_TORCH_LIBRARY_FRAGMENT_(FCN_FAST_OP_NAMESPACE, m)
+#define FCN_FAST_LIBRARY_IMPL(key, m) FCN_FAST_TORCH_LIBRARY_IMPL_(FCN_FAST_OP_NAMESPACE, key, m)
+#define FCN_FAST_TORCH_LIBRARY_(ns, m) TORCH_LIBRARY(ns, m)
+#define FCN_FAST_TORCH_LIBRARY_FRAGMENT_(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define FCN_FAST_TORCH_LIBRARY_IMPL_(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
 namespace fcn_fast {
 
 // Half and bfloat16 kernels accumulate in float; float64 in double.

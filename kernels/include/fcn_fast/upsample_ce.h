@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
 #include "fcn_fast/softmax_ce.h"
 
@@ -56,7 +57,7 @@ inline void check_upsample_geometry(const at::Tensor& coarse, const at::Tensor& 
   }
   // Table entries are checked here for CPU tensors only; the CUDA kernels clamp what they read instead (bilinear.h):
   // checking device tables here would cost a device sync on every call.
-  if (!coarse.is_cpu()) return;
+  if (!host_checks_table_entries(coarse)) return;
   std::vector<at::Tensor> bounds = {row_index.min(), row_index.max(), col_index.min(), col_index.max()};
   if (row_readers != nullptr) {
     bounds.insert(bounds.end(), {row_readers->min().to(at::kInt), row_readers->max().to(at::kInt),
