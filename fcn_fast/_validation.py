@@ -58,12 +58,11 @@ def check_int(op: str, name: str, value, *, minimum: Optional[int] = None) -> in
     if type(value) is not int:  # a plain int skips the ABC checks: they cost a microsecond per public call
         if not _is_int(value):
             raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
-        if isinstance(value, torch.SymInt):
-            return value
-        value = operator.index(value)
+        if not isinstance(value, torch.SymInt):
+            value = operator.index(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+    if type(value) is int and not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
         raise ValueError(f"{op}: {name} must fit in int64 [{INT64_RANGE[0]}, {INT64_RANGE[1]}], got {value}")
     return value
 
