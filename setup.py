@@ -126,9 +126,12 @@ class BuildExt(BuildExtension):
         # setuptools skips an extension whose output is newer than its .cpp/.cu files, blind to a changed header;
         # ninja decides what is out of date instead (a no-op when nothing is), then the link runs.
         self.force = True
+        # setuptools' run() clears inplace while it builds (and copies into the tree afterwards): read it here.
+        self.inplace_requested = bool(self.inplace)
 
     def build_extensions(self):
-        march = "" if _flag("DEBUG") else _march(stays_here=bool(self.inplace or getattr(self, "editable_mode", False)))
+        stays_here = self.inplace_requested or bool(getattr(self, "editable_mode", False))
+        march = "" if _flag("DEBUG") else _march(stays_here)
         for ext in self.extensions:
             if march and ext.name == "fcn_fast._C":  # the emulator (_C_emu) is a test build: its own flags
                 ext.extra_compile_args["cxx"].append(f"-march={march}")

@@ -21,7 +21,8 @@ for name in (f.decode() for f in files if f):
 PY
 python -m venv "$root/venv"
 py="$PWD/$root/venv/bin/python"
-"$py" -m pip install -q "torch==$torch_version" "setuptools>=64" wheel
+# --no-compile: byte-compiling all of torch's modules up front took minutes; imports compile what they use.
+"$py" -m pip install -q --no-compile "torch==$torch_version" "setuptools>=64" wheel
 echo "torch $torch_version leg: environment ready after $((SECONDS - start)) s"
 cd "$root/src"
 # The backends this leg must have: the first leg's less triton (not installed) and cuda (no CUDA in this torch).

@@ -153,7 +153,7 @@ _selected_for_tracing: Optional[str] = None
 
 
 def _check_name(name: str) -> str:
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return name
 

@@ -400,8 +400,9 @@ def test_cpu_half_gradients_are_the_float_gradients_rounded(dtype):
 
 @CPU_KERNELS
 def test_backward_holds_the_gradient_and_one_float_per_pixel():
-    """Forward + backward holds the logits' gradient and the saved log-sum-exp, and no zero-filled gradients for the
-    op's non-differentiable outputs (autograd materializes those unless told not to)."""
+    """Forward + backward holds the logits' gradient and at most one float per pixel (a reduced CPU loss saves no
+    softmax statistics: its backward reruns the forward kernel), and no zero-filled gradients for the op's
+    non-differentiable outputs (autograd materializes those unless told not to)."""
     from fcn_fast.bench.measure import peak_memory
 
     gen = torch.Generator().manual_seed(3)

@@ -107,10 +107,12 @@ def test_build_info_reports_what_was_compiled():
 
 
 def test_import_works_without_the_extension():
-    """A broken or missing fcn_fast._C leaves the reference backend working and says why the others are off."""
+    """A broken or missing fcn_fast._C leaves the reference backend working and says why the others are off; and
+    importing fcn_fast does not import triton (the Triton implementations are imported on first use)."""
     code = (
         "import sys; sys.modules['fcn_fast._C'] = None\n"
         "import torch, fcn_fast\n"
+        "assert 'triton' not in sys.modules, 'importing fcn_fast imported triton'\n"
         "s = fcn_fast.available_backends()\n"
         "assert not s['cpu'].available and 'could not be loaded' in s['cpu'].reason, s['cpu']\n"
         "x = torch.randn(1, 2, 3, 3)\n"

@@ -4,7 +4,6 @@ refusals, and the example training script."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -338,16 +337,18 @@ def test_benchmark_case_runs_and_checks(tmp_path):
     """The suite's torchvision training-step case: both providers pass the correctness gate against the original
     (loss and every parameter's gradient) before they are timed. Correctness only: no speed is asserted."""
     from fcn_fast import bench
+    from fcn_fast.bench import results
 
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--ops", "fcn_resnet50", "--device", "cpu", "--out", str(tmp_path), "--name",
-                           "q", "--no-plots"]) == 0
+        assert bench.main(["--quick", "--ops", "fcn_resnet50", "--device", "cpu", "--out", str(tmp_path),
+                           "--no-plots"]) == 0
     finally:
         torch.set_num_threads(threads)
-    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"eager", "fcn_fast:cpu"}
-    for r in rows:
+    data = results.load(tmp_path / results.DATA_FILE)
+    assert {r["provider"] for r in data.rows} == {"eager", "fcn_fast:cpu"}
+    for r in data.rows:
         assert r["status"] == "ok" and r["mode"] == "full" and r["check"]["ok"], r
         assert r["peak_bytes"] > 0 and r["images_per_s"] > 0
-    assert "## fcn_resnet50" in (tmp_path / "q.md").read_text()
+    (report,) = [tmp_path / f"{name}.md" for name in data.sets()]
+    assert "## fcn_resnet50" in report.read_text()

@@ -6,8 +6,9 @@ kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and fcn_fa
 per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
-both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
-recomputes the probabilities from it. On the CPU a reduced loss whose logits need a gradient also gets the gradient
+both views of the caller's tensors. The forward saves two floats per pixel for backward, the softmax statistics
+(each pixel's largest logit and log sum exp relative to it, kernels/include/fcn_fast/softmax_ce.h); backward
+recomputes the probabilities from them. On the CPU a reduced loss whose logits need a gradient also gets the gradient
 for ``loss.backward()`` (incoming gradient 1) in the forward's sweeps, one read and one exp per logit in all instead
 of two; backward hands it on when the incoming gradient is 1 and recomputes otherwise (README, "Softmax
 cross-entropy", has the measurements).
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fcn_fast import _backends
-from fcn_fast._validation import check_tensor, describe
+from fcn_fast._validation import check_bool, check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
 from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 
@@ -37,8 +38,7 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
                          f"target (N, d1, ...); got logits: {describe(logits)}; target: {describe(target)}")
     if logits.shape[1] == 0:
         raise ValueError(f"{OP}: logits must have at least one class, got {describe(logits)}")
-    if not isinstance(check_targets, bool):
-        raise TypeError(f"{OP}: check_targets must be a bool, got {check_targets!r}")
+    check_bool(OP, "check_targets", check_targets)
     return weight
 
 
@@ -64,8 +64,7 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
 
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
-    lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=1)
-    return loss, denom, lse
+    return loss, denom, _ce_common.softmax_stats(logits.to(acc_dtype(logits.dtype)))
 
 
 def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
@@ -88,7 +87,8 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
-# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
+# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype,
+#   lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 # With gradient_in_forward, a reduced loss takes reduced_forward and reduced_backward instead (see _Cpu).
 
@@ -120,15 +120,16 @@ class _Cpu(_Native):
         """(loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
 
         The "mean" denominator comes first, from one pass over the labels, because the gradient the kernel writes
-        already carries 1 / denominator."""
+        already carries 1 / denominator. lse comes back empty: every backward of this loss runs the kernel again
+        (reduced_backward)."""
         acc = acc_dtype(flat_logits.dtype)
         denom_total = self.ops._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
         # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
         pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
         loss_sums, lse, grad = self.ops._softmax_cross_entropy_fwd_sums(
             flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
-        loss = loss_sums.sum()
-        return (loss / denom_total if reduction == "mean" else loss), lse, denom_total, grad
+        loss = _ce_common.sum_in_fixed_order(loss_sums)
+        return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
 
     def reduced_backward(self, pixel_grad, flat_logits, flat_target, weight, ignore_index, label_smoothing):
         """The gradient for any incoming gradient (``pixel_grad``: every pixel's share of it), from the forward's
@@ -151,12 +152,15 @@ def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: s
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
-# Outputs: the loss (what the public function returns), then for backward only: the per-pixel log-sum-exp, the
-# "mean" denominator and the CPU's gradient from the forward (empty on the other backends and where none is needed).
+# Outputs: the loss (what the public function returns), then for backward only: the softmax statistics (empty for a
+# reduced CPU loss, whose backward runs the forward kernel again), the "mean" denominator and the CPU's gradient from
+# the forward (empty on the other backends and where none is needed).
 
-def _output_shapes(logits, target, reduction):
+def _output_shapes(logits, target, reduction, backend):
     loss_shape = target.shape if reduction == "none" else ()
-    return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
+    if KERNELS[backend].gradient_in_forward and reduction != "none":
+        return loss_shape, (0,)
+    return loss_shape, _ce_common.stats_shape((logits.shape[0], math.prod(logits.shape[2:])))
 
 
 def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
@@ -179,7 +183,7 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
             _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
     loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing)
-    denom_total = denom.sum()
+    denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
     return out.to(logits.dtype), lse, denom_total, logits.new_empty(0)
@@ -191,11 +195,14 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
-    loss_shape, pixels = _output_shapes(logits, target, reduction)
+    loss_shape, stats = _output_shapes(logits, target, reduction, backend)
     acc = acc_dtype(logits.dtype)
     grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
             else logits.new_empty(0))
-    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc), grad
+    return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
+
+
+_eager.register_per_sample_vmap(_softmax_cross_entropy_op)
 
 
 def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
@@ -240,6 +247,9 @@ def _(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index
     return torch.empty_like(logits)
 
 
+_eager.register_per_sample_vmap(_softmax_cross_entropy_backward_op)
+
+
 def _setup_context(ctx, inputs, output, *, keep_forward_grad_apart=False):
     logits, target, weight, ignore_index, reduction, label_smoothing, _check_targets, _need_grad, backend = inputs
     _, lse, denom_total, forward_grad = output
@@ -272,11 +282,14 @@ def _eager_backward_impl(*args):
 
 
 _NO_FORWARD_GRAD = torch.empty(0)
-_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
+_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
     "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context,
-    _ce_common.make_loss_backward(_eager_backward_impl, handed_on=_take_forward_grad))
+    _ce_common.make_loss_backward(OP, _eager_backward_impl, handed_on=_take_forward_grad))
+_SoftmaxCrossEntropyTransformFunction = _eager.transform_function(
+    "_SoftmaxCrossEntropyTransformFunction", OP, _softmax_cross_entropy_op, _setup_context,
+    _ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -302,12 +315,15 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        The loss in logits' dtype: a scalar, or Tensor[N, d1, ...] for ``reduction="none"``. Differentiable with
-        respect to logits.
+        The loss in logits' dtype (float32 inside autocast, as ``F.cross_entropy``): a scalar, or Tensor[N, d1, ...]
+        for ``reduction="none"``. Differentiable with respect to logits (torch.func.grad and vmap too; not twice:
+        docs/backends.md).
     """
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
+    logits = _eager.autocast_float32(logits)
     name = _backends.resolve_backend(backend, logits.device, OP)
-    run = _SoftmaxCrossEntropyFunction.apply if _eager.takes_eager_path(logits, target, weight) else _softmax_cross_entropy_op
+    run = _eager.runner(_SoftmaxCrossEntropyFunction.apply, _SoftmaxCrossEntropyTransformFunction.apply,
+                        _softmax_cross_entropy_op, logits, target, weight)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets,
                         need_grad, name)

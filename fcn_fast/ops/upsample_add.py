@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from fcn_fast import _backends
-from fcn_fast._validation import check_pair, check_same, check_tensor, describe
+from fcn_fast._validation import check_float, check_pair, check_same, check_tensor, describe
 from fcn_fast.ops import _eager
 from fcn_fast.ops._dispatch import Kernels, OpKernels
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
@@ -20,16 +20,17 @@ from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_refere
 OP = "upsample_add"
 
 
-def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
+def _validate(x, skip, geometry_args, skip_offset, skip_scale):
+    """(x, skip, geometry, skip_offset, skip_scale) checked; x and skip promoted to one dtype inside autocast."""
     check_tensor(OP, "x", x, ndim=4)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{OP}: x must have a spatial size of at least 1x1, got {describe(x)}")
     geometry = Geometry.checked(OP, x, *geometry_args)
     skip_offset = check_pair(OP, "skip_offset", skip_offset, minimum=0)
-    if not isinstance(skip_scale, (int, float)) or isinstance(skip_scale, bool):
-        raise TypeError(f"{OP}: skip_scale must be a float, got {skip_scale!r}")
+    skip_scale = check_float(OP, "skip_scale", skip_scale)
     if skip is not None:
         check_tensor(OP, "skip", skip, ndim=4)
+        x, skip = _eager.autocast_promote(x, skip)
         check_same(OP, "x", x, "skip", skip)
         if skip.shape[0] != x.shape[0] or skip.shape[1] != x.shape[1]:
             raise ValueError(f"{OP}: skip must have the N and C of x, got x: {describe(x)}; skip: {describe(skip)}")
@@ -38,14 +39,15 @@ def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry
             raise ValueError(
                 f"{OP}: skip of {tuple(skip.shape[2:])} is too small for an {oh}x{ow} crop at skip_offset "
                 f"{skip_offset}")
-    return geometry, skip_offset, float(skip_scale)
+    return x, skip, geometry, skip_offset, skip_scale
 
 
 def upsample_add_reference(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor: int, mode: str = "interp",
                            out_size: Optional[Sequence[int]] = None, offset=(0, 0), skip_offset=(0, 0),
                            skip_scale: float = 1.0, align_corners: bool = False) -> torch.Tensor:
     """upsample_add in plain, differentiable PyTorch (the ground truth)."""
-    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    x, skip, geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners),
+                                                           skip_offset, skip_scale)
     return _reference_forward(x, skip, geometry, skip_offset, skip_scale)
 
 
@@ -123,6 +125,9 @@ def _(x, skip, factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, s
     return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
 
+_eager.register_per_sample_vmap(_upsample_add_op)
+
+
 def _upsample_add_backward_impl(grad: torch.Tensor, in_h: int, in_w: int, skip_h: int, skip_w: int, factor: int,
                                 mode: str, offset_y: int, offset_x: int, skip_y: int, skip_x: int, skip_scale: float,
                                 align_corners: bool, need_x: bool, need_skip: bool,
@@ -152,6 +157,9 @@ def _(grad, in_h, in_w, skip_h, skip_w, factor, mode, offset_y, offset_x, skip_y
     return grad_x, grad_skip
 
 
+_eager.register_per_sample_vmap(_upsample_add_backward_op)
+
+
 def _setup_context(ctx, inputs, output):
     x, skip = inputs[0], inputs[1]
     ctx.args = inputs[2:]
@@ -175,8 +183,12 @@ def _make_backward(backward_op):
             grad_x, grad_skip = backward_op(
                 grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
                 skip_y, skip_x, skip_scale, align_corners, need_x, need_skip and not skip_takes_grad, backend)
+            if torch.is_grad_enabled():  # create_graph=True
+                grad_x, grad_skip = _eager.forbid_double_backward(
+                    OP, ((grad_x if need_x else None), (grad_skip if need_skip and not skip_takes_grad else None)),
+                    (grad,))
         if skip_takes_grad:
-            grad_skip = grad
+            grad_skip = grad  # differentiable as it is: the identity
         return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
 
     return backward
@@ -185,6 +197,8 @@ def _make_backward(backward_op):
 _upsample_add_op.register_autograd(_make_backward(_upsample_add_backward_op), setup_context=_setup_context)
 _UpsampleAddFunction = _eager.autograd_function("_UpsampleAddFunction", _upsample_add_impl, _setup_context,
                                                 _make_backward(_upsample_add_backward_impl))
+_UpsampleAddTransformFunction = _eager.transform_function(
+    "_UpsampleAddTransformFunction", OP, _upsample_add_op, _setup_context, _make_backward(_upsample_add_backward_op))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -196,7 +210,8 @@ def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor
 
     Args:
         x: Tensor[N, C, h, w], float32/float64/float16/bfloat16 (accumulates in float32; float64 in float64).
-        skip: optional Tensor[N, C, Hs, Ws] of x's dtype and device, added as
+        skip: optional Tensor[N, C, Hs, Ws] of x's dtype (inside autocast: any float dtype, both promoted to the
+            wider) and device, added as
             ``skip_scale * skip[:, :, sy:sy+H, sx:sx+W]`` with ``(sy, sx) = skip_offset``.
         factor: integer upsampling factor >= 1.
         mode: ``"deconv"``: FCN's fixed bilinear deconvolution, exactly
@@ -208,11 +223,13 @@ def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        Tensor[N, C, H, W], contiguous, of x's dtype. Gradients flow to x and skip (backward is a deterministic gather).
+        Tensor[N, C, H, W], contiguous, of x's dtype. Gradients flow to x and skip (backward is a deterministic
+        gather; torch.func.grad and vmap work; not twice differentiable, see docs/backends.md).
     """
-    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    x, skip, geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners),
+                                                           skip_offset, skip_scale)
     name = _backends.resolve_backend(backend, x.device, OP)
-    run = _UpsampleAddFunction.apply if _eager.takes_eager_path(x, skip) else _upsample_add_op
+    run = _eager.runner(_UpsampleAddFunction.apply, _UpsampleAddTransformFunction.apply, _upsample_add_op, x, skip)
     return run(
         x, skip, geometry.factor, geometry.mode, geometry.out_hw[0], geometry.out_hw[1], geometry.offset[0],
         geometry.offset[1], skip_offset[0], skip_offset[1], skip_scale, geometry.align_corners, name)

@@ -1,8 +1,9 @@
 // softmax_cross_entropy on CUDA: one thread per pixel, looping over the C classes with an online softmax
 // (softmax_ce.h). In NCHW the class axis is strided by H*W, so at each class step consecutive threads read consecutive
-// pixels: every load is coalesced, and each logit is read once in the forward and once in the backward.
-// Forward writes per pixel the loss, its "mean" denominator weight and the log-sum-exp (the one float backward
-// keeps); backward recomputes p = exp(z - lse) and writes the gradient. The pixel index (and its division into
+// pixels: every load is coalesced, and each logit is read once in the forward (twice with label smoothing, whose
+// weighted sum is taken relative to the final max) and once in the backward.
+// Forward writes per pixel the loss, its "mean" denominator weight and the softmax statistics backward keeps (max
+// logit m and L = log sum exp(z - m)); backward recomputes p = exp(z - m) e^-L and writes the gradient. The pixel index (and its division into
 // image and position) has the launch policy's width (cuda_launch.h); element offsets, which any strides may make
 // large, are int64.
 #include <torch/library.h>
@@ -17,6 +18,7 @@
 namespace fcn_fast {
 namespace {
 
+// lse: the softmax statistics (softmax_ce.h), planes of L.n * L.s values: max, then log sum exp(z - max).
 template <typename scalar_t, typename label_t, typename acc_t, typename index_t>
 __global__ void forward_kernel(CeLayout L, index_t pixels, index_t spatial, const scalar_t* __restrict__ logits,
                                const label_t* __restrict__ target, const acc_t* __restrict__ weight,
@@ -27,11 +29,11 @@ __global__ void forward_kernel(CeLayout L, index_t pixels, index_t spatial, cons
     const index_t n = i / spatial, p = i - n * spatial;
     const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
     const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
-    CeAccumulator<acc_t> acc;
-    for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.logit_c]), t);
-    const acc_t lse = acc.lse();
-    ce_pixel_loss(cfg, t, lse, acc.target_logit, acc.weighted_logit_sum, &loss[i], &denom[i]);
-    lse_out[i] = lse;
+    const CePixelStats<acc_t> stats =
+        ce_pixel_stats(cfg, t, [&](int64_t c) { return static_cast<acc_t>(z[c * L.logit_c]); });
+    ce_pixel_loss(cfg, t, stats, &loss[i], &denom[i]);
+    lse_out[i] = stats.max;
+    lse_out[pixels + i] = stats.log_sum;
   }
 }
 
@@ -45,13 +47,14 @@ __global__ void backward_kernel(CeLayout L, index_t pixels, index_t spatial, con
   FCN_GRID_STRIDE_LOOP(index_t, i, pixels) {
     const index_t n = i / spatial, p = i - n * spatial;
     const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
-    const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);
-    const acc_t pixel_lse = lse[i];
+    // p_c = exp(z_c - max) e^-L, the e^-L folded into the coefficients once per pixel.
+    const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs], lse[pixels + i]);
+    const acc_t pixel_max = lse[i];
     const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
     scalar_t* out = grad + n * dn + p * ds;
     for (int64_t c = 0; c < L.c; ++c) {
-      const acc_t prob = ::exp(static_cast<acc_t>(z[c * L.logit_c]) - pixel_lse);
-      out[c * dc] = static_cast<scalar_t>(k.grad(prob, c == t, ce_class_weight(cfg, c)));
+      const acc_t e = ce_exp(static_cast<acc_t>(z[c * L.logit_c]) - pixel_max);
+      out[c * dc] = static_cast<scalar_t>(k.grad(e, c == t, ce_class_weight(cfg, c)));
     }
   }
 }

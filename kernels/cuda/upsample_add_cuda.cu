@@ -56,13 +56,12 @@ __global__ void grad_x_kernel(const scalar_t* __restrict__ grad, scalar_t* __res
     const index_t ox_end = clamp_range_end(col_readers[2 * ix + 1], out_w);
     acc total = 0;
     for (index_t oy = oy_begin; oy < oy_end; ++oy) {
-      const acc wy = tap_weight(row_index, row_weight, oy, iy);
       const scalar_t* g_row = g + oy * out_w;
       acc row_sum = 0;
       for (index_t ox = ox_begin; ox < ox_end; ++ox) {
-        row_sum += tap_weight(col_index, col_weight, ox, ix) * static_cast<acc>(g_row[ox]);
+        row_sum += tap_adjoint(col_index, col_weight, ox, ix, static_cast<acc>(g_row[ox]));
       }
-      total += wy * row_sum;
+      total += tap_adjoint(row_index, row_weight, oy, iy, row_sum);
     }
     grad_x[i] = static_cast<scalar_t>(total);
   }

@@ -2,9 +2,9 @@
 //
 // Forward / argmax: one thread per output pixel interpolates its C logits from the 2x2 coarse taps of each class
 // plane (sample_plane, bilinear.h; the coarse map is small and stays in L2) and streams them through the shared
-// per-pixel cross-entropy (CeAccumulator, softmax_ce.h) or argmax. Backward: one thread per coarse element (n, c,
+// per-pixel cross-entropy (ce_pixel_stats, softmax_ce.h) or argmax. Backward: one thread per coarse element (n, c,
 // iy, ix) gathers the output pixels in its readers window, recomputing each one's logit z_c from the coarse map and
-// its softmax from the saved log-sum-exp: grad_coarse is written once per element, no atomics, deterministic.
+// its softmax from the saved softmax statistics: grad_coarse is written once per element, no atomics, deterministic.
 // Launch policy and index width: cuda_launch.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -45,14 +45,14 @@ __device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* shared) {
 }
 
 // per_pixel: loss and denom are per pixel; otherwise each block writes its sums to loss[blockIdx.x] and
-// denom[blockIdx.x] (a reduced loss then needs no per-pixel buffers). Launched with cuda::kThreadsPerBlock threads a
-// block.
+// denom[blockIdx.x] (a reduced loss then needs no per-pixel buffers). lse_max, lse_log_sum: the two planes of the
+// softmax statistics (softmax_ce.h). Launched with cuda::kThreadsPerBlock threads a block.
 template <typename scalar_t, typename label_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                const acc_t<scalar_t>* __restrict__ class_weight, UpsampleTaps<acc_t<scalar_t>> taps,
                                int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing, index_t pixels,
                                bool per_pixel, acc_t<scalar_t>* __restrict__ loss, acc_t<scalar_t>* __restrict__ denom,
-                               acc_t<scalar_t>* __restrict__ lse) {
+                               acc_t<scalar_t>* __restrict__ lse_max, acc_t<scalar_t>* __restrict__ lse_log_sum) {
   using acc = acc_t<scalar_t>;
   const CeConfig<acc> cfg = make_ce_config<acc>(class_weight, num_classes, ignore_index, smoothing);
   const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
@@ -63,13 +63,11 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
     const index_t oy = rem / static_cast<index_t>(taps.out_w), ox = rem - oy * static_cast<index_t>(taps.out_w);
     const int64_t t = static_cast<int64_t>(target[p]);
     const scalar_t* planes = coarse + n * static_cast<index_t>(num_classes) * plane_size;
-    CeAccumulator<acc> a;
-    for (int64_t c = 0; c < num_classes; ++c) {
-      a.add(cfg, c, upsampled_logit(planes + static_cast<index_t>(c) * plane_size, taps, oy, ox), t);
-    }
-    const acc pixel_lse = a.lse();
+    const CePixelStats<acc> stats = ce_pixel_stats(cfg, t, [&](int64_t c) {
+      return upsampled_logit(planes + static_cast<index_t>(c) * plane_size, taps, oy, ox);
+    });
     acc pixel_loss, pixel_denom;
-    ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, &pixel_loss, &pixel_denom);
+    ce_pixel_loss(cfg, t, stats, &pixel_loss, &pixel_denom);
     if (per_pixel) {
       loss[p] = pixel_loss;
       denom[p] = pixel_denom;
@@ -77,7 +75,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
       thread_loss += pixel_loss;
       thread_denom += pixel_denom;
     }
-    lse[p] = pixel_lse;
+    lse_max[p] = stats.max;
+    lse_log_sum[p] = stats.log_sum;
   }
   if (!per_pixel) {  // uniform across the grid, so every thread reaches the barriers
     __shared__ acc shared[cuda::kThreadsPerBlock];
@@ -95,7 +94,8 @@ template <typename scalar_t, typename label_t, typename index_t>
 __global__ void backward_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, bool per_pixel,
                                 const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                 const acc_t<scalar_t>* __restrict__ class_weight,
-                                const acc_t<scalar_t>* __restrict__ lse, UpsampleTaps<acc_t<scalar_t>> taps,
+                                const acc_t<scalar_t>* __restrict__ lse_max,
+                                const acc_t<scalar_t>* __restrict__ lse_log_sum, UpsampleTaps<acc_t<scalar_t>> taps,
                                 const int32_t* __restrict__ row_readers, const int32_t* __restrict__ col_readers,
                                 int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing,
                                 index_t elements, scalar_t* __restrict__ grad_coarse) {
@@ -111,22 +111,24 @@ __global__ void backward_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, 
     const int64_t c = static_cast<int64_t>(plane_index - n * static_cast<index_t>(num_classes));
     const scalar_t* plane = coarse + plane_index * plane_size;
     const label_t* labels = target + n * out_hw;
-    const acc* pixel_lse = lse + n * out_hw;
+    const acc* pixel_max = lse_max + n * out_hw;
+    const acc* pixel_log_sum = lse_log_sum + n * out_hw;
     acc total = 0;
     const index_t oy_end = clamp_range_end(row_readers[2 * iy + 1], taps.out_h);
     const index_t ox_begin = clamp_range_end(col_readers[2 * ix], taps.out_w);
     const index_t ox_end = clamp_range_end(col_readers[2 * ix + 1], taps.out_w);
     for (index_t oy = clamp_range_end(row_readers[2 * iy], taps.out_h); oy < oy_end; ++oy) {
-      const acc wy = tap_weight(taps.row_index, taps.row_weight, oy, iy);
-      if (wy == acc(0)) continue;
+      // Every tap multiplied on its own, weight 0 included, as PyTorch's upsample backward does (tap_adjoint: NaN
+      // for a NaN or infinite gradient).
+      acc row_sum = 0;
       for (index_t ox = ox_begin; ox < ox_end; ++ox) {
-        const acc wx = tap_weight(taps.col_index, taps.col_weight, ox, ix);
-        if (wx == acc(0)) continue;
         const index_t q = oy * out_w + ox;
         const acc g = per_pixel ? grad_pixel[n * out_hw + q] : grad_pixel[0];
         const acc z = upsampled_logit(plane, taps, oy, ox);
-        total += wy * wx * ce_logit_grad(cfg, static_cast<int64_t>(labels[q]), c, z, pixel_lse[q], g);
+        const acc dz = ce_logit_grad(cfg, static_cast<int64_t>(labels[q]), c, z, pixel_max[q], pixel_log_sum[q], g);
+        row_sum += tap_adjoint(taps.col_index, taps.col_weight, ox, ix, dz);
       }
+      total += tap_adjoint(taps.row_index, taps.row_weight, oy, iy, row_sum);
     }
     grad_coarse[e] = static_cast<scalar_t>(total);
   }
@@ -181,6 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     using acc = acc_t<scalar>;
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    acc* lse_max = lse.data_ptr<acc>();
+    acc* lse_log_sum = lse_max + pixels;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
       cuda::with_index_type({pixels, coarse.numel()}, [&](auto index_zero) {
@@ -188,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
         cuda::launch(forward_kernel<scalar, label, index_t>, blocks, stream, coarse.data_ptr<scalar>(),
                      target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index, acc(smoothing),
                      static_cast<index_t>(pixels), per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
-                     lse.data_ptr<acc>());
+                     lse_max, lse_log_sum);
       });
     });
   });
@@ -215,13 +219,15 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
     using acc = acc_t<scalar>;
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    const acc* lse_max = lse.data_ptr<acc>();
+    const acc* lse_log_sum = lse_max + target.numel();
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
       cuda::with_index_type({elements, target.numel()}, [&](auto index_zero) {
         using index_t = decltype(index_zero);
         cuda::launch(backward_kernel<scalar, label, index_t>, cuda::blocks_for(elements), stream,
                      grad_pixel.data_ptr<acc>(), per_pixel, coarse.data_ptr<scalar>(), target.data_ptr<label>(),
-                     class_weight, lse.data_ptr<acc>(), taps, row_readers.data_ptr<int32_t>(),
+                     class_weight, lse_max, lse_log_sum, taps, row_readers.data_ptr<int32_t>(),
                      col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing),
                      static_cast<index_t>(elements), grad_coarse.data_ptr<scalar>());
       });
