@@ -189,6 +189,10 @@ SPECIAL_SAMPLES = [
     with_values(INTERP, "interp-last-corner-inf", x=_set((0, 2, 2, 3), INF)),
     with_values(ALIGNED, "interp-aligned-inf-point", x=_set((0, 1, 1, 1), INF)),
     with_values(INTERP, "interp-nan-point", x=_set((0, 0, 1, 2), NAN)),
+    # PyTorch computes the source index scale * (o + 0.5) - 0.5 with one rounding (a fused multiply-add): at
+    # output row 1 of 2 -> 6 its weight for row 1 is 2^-26, not 0, so a class masked with -inf stays -inf there.
+    with_values(case("interp-2x2-to-6x5", (1, 2, 2, 2), 3, out_size=(6, 5)), "interp-source-index-rounding",
+                x=_set((0, 0), -INF)),
     with_values(DECONV, "skip-inf-nan-in-and-out-of-crop",
                 skip=lambda t: _set((0, 0, 0, 0), NAN)(_set((0, 1, 1, 1), INF)(_set((0, 2, 8, 8), -INF)(t)))),
     with_values(DECONV, "skip-scale-zero-inf-skip", skip=_set((0, 0, 2, 2), INF), skip_scale=0.0),
