@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from fcn_fast.errors import UserError
+from fcn_fast.errors import UserError, report
 
 
 def _make_data(args) -> None:
@@ -96,11 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(argv[1:])
         args = build_parser().parse_args(argv)
         args.func(args)
-    except UserError as exc:
-        print(f"fcn-fast {command}: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. an output folder that cannot be written
-        print(f"fcn-fast {command}: error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # OSError: e.g. an output folder that cannot be written
+        report(command, exc)
         return 1
     except KeyboardInterrupt:
         print(f"fcn-fast {command}: interrupted", file=sys.stderr)

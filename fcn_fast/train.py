@@ -32,7 +32,7 @@ from fcn_fast.checkpoint import (FORMAT, load_checkpoint, model_from_checkpoint,
                                  save_atomic)
 from fcn_fast.data import (IGNORE_INDEX, Augment, ResumableSampler, class_names_of, make_loader, make_synthetic,
                            open_dataset)
-from fcn_fast.errors import UserError
+from fcn_fast.errors import UserError, report
 from fcn_fast.evaluate import AMP_DTYPES, autocast, evaluate, resolve_device
 from fcn_fast.runlog import RunFolder, write_json
 
@@ -340,6 +340,13 @@ def train(cfg: TrainConfig, *, hooks: Optional[Dict[str, Callable]] = None) -> D
     ddp, device = setup_distributed(cfg.device)
     try:
         return _train(cfg, hooks, ddp, device)
+    except NonFiniteLoss as exc:
+        if ddp.world > 1:
+            # Every process stops at the same check. torchrun terminates the others as soon as one exits with an
+            # error, and tearing the process group down may wait for them: each reports first, then they meet.
+            report("train", exc)
+            ddp.barrier()
+        raise
     finally:
         if ddp.owned and dist.is_initialized():
             dist.destroy_process_group()
