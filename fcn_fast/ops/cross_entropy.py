@@ -65,7 +65,8 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
     return loss, denom, safe_target, valid
 
 
-def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
+def _reference_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
+    # Per-pixel values whatever per_pixel says: each is its own partial sum (the ground truth keeps the simplest form).
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
     lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=1)
     return loss, denom, lse
@@ -91,18 +92,20 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
-# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype
+# forward(logits, target, weight, ignore_index, label_smoothing, per_pixel) -> (loss, denom_weight, lse), acc dtype:
+#   loss and denom_weight per pixel, or (per_pixel False, a reduced loss) partial sums of them of the backend's choosing
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 
-def _native_forward(logits, target, weight, ignore_index, label_smoothing, ops=torch.ops.fcn_fast):
-    return ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+def _native_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True, ops=torch.ops.fcn_fast):
+    return ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, per_pixel)
 
 
 def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing, ops=torch.ops.fcn_fast):
     return ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
 
 
-def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
+def _triton_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
+    # Per-pixel values whatever per_pixel says: each is its own partial sum.
     from fcn_fast.ops import triton_cross_entropy
 
     return triton_cross_entropy.forward(logits, target, weight, ignore_index, label_smoothing)
@@ -167,7 +170,8 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
                                                            label_smoothing, reduction,
                                                            _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
-    loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing)
+    loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing,
+                                         reduction == "none")
     denom_total = denom.sum()
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
