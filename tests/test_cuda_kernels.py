@@ -32,12 +32,14 @@ def _grads(fn, *tensors):
     return out.detach(), [t.grad for t in tensors]
 
 
-@pytest.mark.parametrize("knob", list(KNOBS))
-@pytest.mark.parametrize("factor,h,w", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Every shape in fp32 and bf16 on the default grid; the knobs (the emulator is slow) on factors 2 and 8 in fp32.
+_ADD_CASES = ([(*shape, dtype, "default") for shape in SHAPES for dtype in (torch.float32, torch.bfloat16)]
+              + [(*shape, torch.float32, knob) for shape in SHAPES if shape[0] in (2, 8) for knob in KNOBS
+                 if knob != "default"])
+
+
+@pytest.mark.parametrize("factor,h,w,dtype,knob", _ADD_CASES)
 def test_upsample_add_tiles(factor, h, w, dtype, knob):
-    if knob != "default" and (dtype != torch.float32 or factor not in (2, 8)):
-        pytest.skip("the knobs run on two factors in fp32 (the emulator is slow)")
     gen = torch.Generator().manual_seed(factor * 100 + w)
     x = torch.randn(1, 2, h, w, generator=gen).to(dtype)
     out_hw = (h * factor - 1, w * factor - 3) if factor > 1 else (h, w)
@@ -59,12 +61,14 @@ def test_upsample_add_tiles(factor, h, w, dtype, knob):
     assert_close(gs.double(), rs, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("knob", list(KNOBS))
-@pytest.mark.parametrize("factor,h,w", [s for s in SHAPES if s[0] > 1])
+# Every factor on the default grid; the knobs on factor 8.
+_UCE_CASES = [(*shape, knob) for shape in SHAPES if shape[0] > 1 for knob in KNOBS
+              if knob == "default" or shape[0] == 8]
+
+
+@pytest.mark.parametrize("factor,h,w,knob", _UCE_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_upsample_cross_entropy_tiles(factor, h, w, reduction, knob):
-    if knob != "default" and factor != 8:
-        pytest.skip("the knobs run on factor 8 (the emulator is slow)")
     gen = torch.Generator().manual_seed(factor * 10 + w)
     coarse = 3 * torch.randn(2, 3, h, w, generator=gen)
     out_hw = (h * factor - 2, w * factor - 1)
@@ -89,14 +93,17 @@ def test_upsample_cross_entropy_tiles(factor, h, w, reduction, knob):
     assert torch.equal(labels, ref_labels)
 
 
-@pytest.mark.parametrize("knob", list(KNOBS))
+# Every reduction in fp32 and fp16 on the default grid; the knobs in fp32 on "mean" and "none".
+_CE_CASES = ([(reduction, dtype, "default") for reduction in ("mean", "sum", "none")
+              for dtype in (torch.float32, torch.float16)]
+             + [(reduction, torch.float32, knob) for reduction in ("mean", "none") for knob in KNOBS
+                if knob != "default"])
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction,dtype,knob", _CE_CASES)
 def test_softmax_cross_entropy_pixel_groups(layout, reduction, dtype, knob):
     """Images of 1030 pixels: a group of 4 x 256 pixels per block and a second, almost empty, one."""
-    if knob != "default" and (dtype != torch.float32 or reduction == "sum"):
-        pytest.skip("the knobs run in fp32 on two reductions (the emulator is slow)")
     gen = torch.Generator().manual_seed(3)
     if layout == "nc":
         logits = 3 * torch.randn(1030, 5, generator=gen)
