@@ -11,7 +11,6 @@ PyTorch's ``fill_uninitialized_memory``, so an element a kernel forgets to write
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -54,9 +53,9 @@ def options(*, schedule: Optional[str] = None, max_blocks: Optional[int] = None,
 
 
 def stats() -> dict:
-    """Counters since fcn_fast._C_emu loaded: kernel launches, blocks, threads, barriers passed, and launches that
-    took the int32 and the int64 index path."""
-    keys = ("launches", "blocks", "threads", "barriers", "int32_launches", "int64_launches")
+    """Counters since fcn_fast._C_emu loaded: kernel launches, blocks, threads, barriers passed, and the index-width
+    choices (one per kernel, or per group of kernels launched together) that took int32 and int64."""
+    keys = ("launches", "blocks", "threads", "barriers", "int32_choices", "int64_choices")
     return dict(zip(keys, ops()._emulator_stats()))
 
 
@@ -126,7 +125,14 @@ def checked(fn: Callable) -> Callable:
     return run
 
 
-def entry(native: Callable) -> Callable:
-    """The cuda_emulated implementation of an op's native (cpu/cuda) implementation, which takes the op namespace as
-    ``ops=``: the same call into torch.ops.fcn_fast_emu, :func:`checked`."""
-    return checked(functools.partial(native, ops=torch.ops.fcn_fast_emu))
+class CheckedOps:
+    """torch.ops.fcn_fast_emu with every op :func:`checked`: the namespace the cuda_emulated backend's kernels call
+    (fcn_fast/_backends.py)."""
+
+    def __init__(self, namespace) -> None:
+        self._namespace = namespace
+
+    def __getattr__(self, name: str):
+        op = checked(getattr(self._namespace, name))
+        setattr(self, name, op)  # later calls read it from the instance
+        return op

@@ -3,10 +3,9 @@ CUDA kernels (fcn_fast._C_emu, docs/emulator.md), on first use."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -44,14 +43,20 @@ def emulated_built() -> bool:
     return importlib.util.find_spec("fcn_fast._C_emu") is not None
 
 
-@functools.lru_cache(maxsize=None)
+_emulated: Dict[str, Optional[str]] = {}  # memo, not functools.lru_cache: Dynamo warns when tracing one
+
+
 def emulated_load_error() -> Optional[str]:
     """Why fcn_fast._C_emu (the CUDA kernels compiled against the emulated CUDA execution model) is unusable, or None
-    when it loaded. Built only on request: FCN_FAST_BUILD_EMULATED=1 at install time."""
-    if not emulated_built():
-        return "fcn_fast._C_emu is not built: install with FCN_FAST_BUILD_EMULATED=1 (docs/emulator.md)"
-    try:
-        from fcn_fast import _C_emu  # noqa: F401  (importing registers the fcn_fast_emu ops with torch)
-    except Exception as exc:  # pragma: no cover - a broken build
-        return f"fcn_fast._C_emu could not be loaded ({type(exc).__name__}: {exc})"
-    return None
+    when it loaded (on the first call). Built only on request: FCN_FAST_BUILD_EMULATED=1 at install time."""
+    if "error" not in _emulated:
+        if not emulated_built():
+            _emulated["error"] = "fcn_fast._C_emu is not built: install with FCN_FAST_BUILD_EMULATED=1 (docs/emulator.md)"
+        else:
+            try:
+                from fcn_fast import _C_emu  # noqa: F401  (importing registers the fcn_fast_emu ops with torch)
+            except Exception as exc:  # pragma: no cover - a broken build
+                _emulated["error"] = f"fcn_fast._C_emu could not be loaded ({type(exc).__name__}: {exc})"
+            else:
+                _emulated["error"] = None
+    return _emulated["error"]

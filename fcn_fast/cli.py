@@ -1,4 +1,4 @@
-"""The ``fcn-fast`` command: make-data, train, eval, predict, demo, bench.
+"""The ``fcn-fast`` command: make-data, train, eval, predict, export, demo, bench.
 
 User mistakes (a missing file, a bad value, a checkpoint of another model) end with one line on stderr naming the
 file or value, and exit status 1; an unknown option is an argparse error (status 2).
@@ -40,6 +40,12 @@ def _predict(args) -> None:
     predict.main(args)
 
 
+def _export(args) -> None:
+    from fcn_fast import export
+
+    export.main(args)
+
+
 def _demo(args) -> None:
     from fcn_fast import demo
 
@@ -47,7 +53,7 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fcn_fast import demo, evaluate, predict, train
+    from fcn_fast import demo, evaluate, export, predict, train
 
     parser = argparse.ArgumentParser(prog="fcn-fast", description="Train, evaluate and run FCNs (fcn_fast).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", train, _train, "train a model (whole images; staged with --init-from)"),
             ("eval", evaluate, _eval, "metrics of a checkpoint on a split"),
             ("predict", predict, _predict, "label images with a checkpoint"),
+            ("export", export, _export, "a checkpoint as a torch.export .pt2 or an ONNX file (dynamic image size)"),
             ("demo", demo, _demo, "synthetic data, staged FCN-32s -> 16s -> 8s training, evaluation, table")):
         p = sub.add_parser(name, help=text)
         module.add_arguments(p)

@@ -10,6 +10,7 @@ cosine schedule, batches of 4 images, so that it runs on a laptop CPU in minutes
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Dict, List
@@ -17,12 +18,15 @@ from typing import Any, Dict, List
 import numpy as np
 from PIL import Image
 
-from fcn_fast.data import colorize, make_synthetic, open_dataset
+from fcn_fast.data import IGNORE_INDEX, VOC_PALETTE, class_names_of, colorize, make_synthetic, open_dataset
 from fcn_fast.errors import UserError
 from fcn_fast.evaluate import resolve_device
 from fcn_fast.runlog import plot_scores, write_json, write_text
 
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
+TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
+# Evaluations per stage during training, for the curves of plots/stages.png (each costs one pass over the val split).
+EVALS_PER_STAGE = 12
 # (train images, val images, image size, steps per stage)
 FULL = dict(train=400, val=100, size=96, steps=(1500, 1000, 7000))
 FAST = dict(train=24, val=8, size=64, steps=(30, 20, 30))
@@ -36,23 +40,51 @@ def _table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _examples(path: str, runs: Dict[str, str], data: str, device, count: int = 4) -> None:
-    """One row per val image: image | truth | each stage's prediction."""
+def _examples(path: str, runs: Dict[str, str], data: str, device, titles: Dict[str, str], count: int = 4) -> None:
+    """One row per val image: image | truth | each stage's prediction, titled columns and a legend of the classes
+    that appear."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     from fcn_fast.checkpoint import model_from_checkpoint
     from fcn_fast.predict import predict_image
 
     dataset = open_dataset(data, "val")
+    names = class_names_of(data)
     models = {stage: model_from_checkpoint(ckpt, device=device)[0] for stage, ckpt in runs.items()}
-    rows = []
+    columns = ["image", "truth"] + [titles[stage] for stage in models]
+    rows, present = [], set()
     for i in range(min(count, len(dataset))):
         image, label = dataset.load(i)
-        tiles = [image, colorize(label)]
-        tiles += [colorize(predict_image(m, image, device=device)) for m in models.values()]
-        sep = np.full((image.shape[0], 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1))
-    grid = np.concatenate([r for row in rows for r in (row, np.full((2, row.shape[1], 3), 255, np.uint8))][:-1])
-    scale = max(1, 384 // grid.shape[0])
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+        labels = [label] + [predict_image(m, image, device=device) for m in models.values()]
+        present.update(int(v) for lab in labels for v in np.unique(lab))
+        rows.append([image] + [colorize(lab) for lab in labels])
+    tile, gap, top, bottom = 1.8, 0.08, 0.95, 0.75  # inches: tile size, gap between tiles, title and legend room
+    width = len(columns) * (tile + gap) + 0.2
+    height = len(rows) * (tile + gap) + top + bottom
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=gap / tile, hspace=gap / tile)
+    for r, tiles in enumerate(rows):
+        for c, tile_image in enumerate(tiles):
+            ax = fig.add_subplot(len(rows), len(columns), r * len(columns) + c + 1)
+            ax.imshow(tile_image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=10)
+    legend = [Patch(facecolor=VOC_PALETTE[k] / 255, edgecolor="0.4",
+                    label=names[k] if k < len(names) else ("void (ignored)" if k == IGNORE_INDEX else str(k)))
+              for k in sorted(present)]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=9, frameon=False,
+               title="classes: the colours of the truth and prediction columns", title_fontsize=9)
+    fig.suptitle(f"{len(rows)} validation images, their true labels and each stage's prediction", fontsize=11,
+                 y=1 - 0.12 / height)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
 
 
 def run_demo(out: str, *, fast: bool = False, device: str = "auto", seed: int = 0, threads: int = None,
@@ -73,10 +105,14 @@ def run_demo(out: str, *, fast: bool = False, device: str = "auto", seed: int = 
     print(f"synthetic data: {plan['train']} train + {plan['val']} val images of {plan['size']}x{plan['size']} in "
           f"{data} ({time.perf_counter() - start:.1f} s)")
     rows, runs, histories, previous = [], {}, [], None
+    batch = 4
+    per_epoch = math.ceil(plan["train"] / batch)
     for stage, steps in zip(STAGES, plan["steps"]):
+        # Evaluation reads no random numbers and leaves the weights alone: the training is the same with or without.
         cfg = TrainConfig(out=os.path.join(out, stage), data=data, model=stage, width=1 / 16, geometry="same",
                           dropout=0.0, optimizer="adamw", lr=2e-3, weight_decay=1e-4, loss_reduction="mean",
-                          schedule="cosine", warmup=min(50, steps // 10), batch_size=4, steps=steps, epochs=1, eval_every=0, init_from=previous,
+                          schedule="cosine", warmup=min(50, steps // 10), batch_size=batch, steps=steps, epochs=1,
+                          eval_every=max(1, math.ceil(steps / per_epoch) // EVALS_PER_STAGE), init_from=previous,
                           device=device, seed=seed, threads=threads, progress=progress, log_every=25)
         summary = train(cfg)
         final = summary["final"]
@@ -86,8 +122,11 @@ def run_demo(out: str, *, fast: bool = False, device: str = "auto", seed: int = 
         with open(os.path.join(out, stage, "metrics.json")) as f:
             histories.append((stage, json.load(f)))
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-    plot_scores(os.path.join(out, "plots", "stages.png"), histories, "FCN stages")
-    _examples(os.path.join(out, "examples.png"), runs, data, dev)
+    plot_scores(os.path.join(out, "plots", "stages.png"), [(TITLES[s], h) for s, h in histories],
+                "Demo: validation scores while training FCN-32s, then FCN-16s, then FCN-8s\n"
+                "(each stage starts from the weights the stage before it ended with)", sequential=True)
+    _examples(os.path.join(out, "examples.png"), runs, data, dev,
+              {r["stage"]: f"{TITLES[r['stage']]}\n(val mean IU {100 * r['mean_iu']:.1f})" for r in rows})
     table = _table(rows)
     total = time.perf_counter() - start
     write_text(os.path.join(out, "results.md"), table + f"\n\ntotal {total:.1f} s on {dev}\n")

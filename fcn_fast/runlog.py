@@ -80,7 +80,8 @@ class RunFolder:
         if not self.active:
             return
         plot_loss(os.path.join(self.root, "plots", "loss.png"), history, trace, title)
-        plot_scores(os.path.join(self.root, "plots", "mean_iu.png"), [(title, history)], title)
+        plot_scores(os.path.join(self.root, "plots", "mean_iu.png"), [(title, history)],
+                    f"{title} validation scores during training".strip())
 
 
 def _figure():
@@ -115,21 +116,45 @@ def plot_loss(path: str, history: List[Dict[str, Any]], trace: Sequence[Sequence
     _save(fig, path)
 
 
-def plot_scores(path: str, runs: Sequence[tuple], title: str = "") -> None:
-    """Validation mean IU (solid) and pixel accuracy (dashed) per step, one colour per run."""
+def plot_scores(path: str, runs: Sequence[tuple], title: str = "", *, sequential: bool = False) -> None:
+    """Validation mean IU (solid, circles) and pixel accuracy (dashed, squares) in % against the training step, one
+    colour per run. ``sequential=True`` (stages trained one after another, each from the last one's weights) puts
+    the runs on one cumulative step axis, each after the one before it, and marks where each stage starts."""
+    from matplotlib.lines import Line2D
+
     fig = _figure()
+    fig.set_size_inches(8, 4.5)
     ax = fig.add_subplot(1, 1, 1)
+    offset, drawn = 0, []
     for i, (name, history) in enumerate(runs):
         rows = [r for r in history if r.get("mean_iu") is not None]
-        if not rows:
-            continue
-        steps = [r["step"] for r in rows]
+        end = max((r["step"] for r in history), default=0)
         colour = f"C{i}"
-        ax.plot(steps, [r["mean_iu"] for r in rows], "o-", color=colour, label=f"{name} mean IU".strip())
-        ax.plot(steps, [r["pixel_acc"] for r in rows], "--", color=colour, label=f"{name} pixel acc".strip())
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_title(f"{title} validation".strip())
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize="small")
+        if sequential:
+            ax.axvspan(offset, offset + end, color=colour, alpha=0.06, lw=0)
+            ax.text(offset + end / 2, 101, name, color=colour, ha="center", va="bottom", fontsize="small",
+                    fontweight="bold")
+        if rows:
+            steps = [offset + r["step"] for r in rows]
+            ax.plot(steps, [100 * r["mean_iu"] for r in rows], "o-", color=colour, ms=4)
+            ax.plot(steps, [100 * r["pixel_acc"] for r in rows], "s--", color=colour, ms=3.5, lw=1.2)
+            for key, dy in (("mean_iu", -12), ("pixel_acc", 5)):  # the stage's last scores, below / above
+                ax.annotate(f"{100 * rows[-1][key]:.1f}", (steps[-1], 100 * rows[-1][key]), textcoords="offset points",
+                            xytext=(0, dy), ha="right", fontsize="x-small", color=colour)
+            drawn.append((name, colour))
+        if sequential:
+            offset += end
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
+    ax.set_ylabel("validation score (%)")
+    ax.set_xlabel("training step" + (" (stages one after another)" if sequential else ""))
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "validation scores during training", pad=18 if sequential else 6)
+    if drawn:
+        handles = [Line2D([], [], color="0.3", marker="o", ms=4, label="mean IU (validation)"),
+                   Line2D([], [], color="0.3", ls="--", marker="s", ms=3.5, label="pixel accuracy (validation)")]
+        if not sequential and len(drawn) > 1:  # stages are named above the plot instead
+            handles += [Line2D([], [], color=c, lw=3, label=n) for n, c in drawn if n]
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(handles),
+                  fontsize="small", frameon=False)
     _save(fig, path)

@@ -60,12 +60,12 @@ FCN_FAST_LIBRARY(m) {
       "Tensor col_index, Tensor col_weight, Tensor col_readers, int in_h, int in_w, int skip_h, int skip_w, "
       "int skip_y, int skip_x, float skip_scale, bool need_x, bool need_skip) -> (Tensor, Tensor)");
 
-  // softmax_cross_entropy kernels (issue 4). logits (N, C, S) with any strides, target (N, S) of any integer dtype,
+  // softmax_cross_entropy kernels. logits (N, C, S) with any strides, target (N, S) of any integer dtype,
   // weight: contiguous (C,) of the accumulate dtype (float32; float64 for float64 logits). Labels outside [0, C) are
   // ignored (the Python front end has rejected them unless check_targets=False). Outputs in the accumulate dtype:
-  // (loss, weight of the pixel in the "mean" denominator, log-sum-exp (N, S) saved for backward); loss and weight are
-  // (N, S) when per_pixel, else partial sums (a length of the backend's choosing) added in a fixed order, whose
-  // totals are the sums over all pixels.
+  // loss and the weight of the pixel in the "mean" denominator, (N, S) when per_pixel, else partial sums (a length of
+  // the backend's choosing) added in a fixed order, whose totals are the sums over all pixels; and lse: the softmax
+  // statistics saved for backward, (2, N, S): each pixel's largest logit m and log sum exp(z - m), see softmax_ce.h.
   m.def(
       "_softmax_cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, bool per_pixel) -> (Tensor, Tensor, Tensor)");
@@ -76,9 +76,9 @@ FCN_FAST_LIBRARY(m) {
       "int ignore_index, float label_smoothing) -> Tensor");
 
   // A reduced loss on the CPU: (loss partial sums: 1-D, a length of the kernel's choosing, added in a fixed order;
-  // lse (N, S); grad_logits). With pixel_grad, the gradient of every pixel's loss known up front (1 for "sum",
-  // 1 / denominator for "mean": a training step's loss.backward()), grad_logits is the backward op's result for it,
-  // computed in the forward's sweeps; without, it is empty.
+  // lse, empty: a backward of a reduced CPU loss reruns this kernel; grad_logits). With pixel_grad, the gradient of
+  // every pixel's loss known up front (1 for "sum", 1 / denominator for "mean": a training step's loss.backward()),
+  // grad_logits is the backward op's result for it, computed in the forward's sweeps; without, it is empty.
   m.def(
       "_softmax_cross_entropy_fwd_sums(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float? pixel_grad) -> (Tensor, Tensor, Tensor)");
@@ -90,11 +90,12 @@ FCN_FAST_LIBRARY(m) {
   // label check the Python front end runs before the loss kernels (CPU; on CUDA two torch reductions do it).
   m.def("_label_bounds(Tensor target, int ignore_index) -> Tensor");
 
-  // upsample_cross_entropy / upsample_argmax kernels (issue 4).
+  // upsample_cross_entropy / upsample_argmax kernels.
   // Per-pixel softmax cross-entropy of crop(bilinear(coarse)) without storing the upsampled logits. Returns
-  // (loss, denom_weight, lse) in the accumulate dtype, lse (N, H, W); loss and denom_weight (N, H, W) when per_pixel,
-  // else partial sums (1-D, a length of the backend's choosing) added in a fixed order, whose totals are the sums
-  // over all pixels: a reduced loss needs no per-pixel buffers. weight is (C,) in the accumulate dtype.
+  // (loss, denom_weight, lse) in the accumulate dtype, lse the softmax statistics (2, N, H, W) as above; loss and
+  // denom_weight (N, H, W) when per_pixel, else partial sums (1-D, a length of the backend's choosing) added in a
+  // fixed order, whose totals are the sums over all pixels: a reduced loss needs no per-pixel buffers. weight is
+  // (C,) in the accumulate dtype.
   m.def(
       "_upsample_cross_entropy_fwd(Tensor coarse, Tensor target, Tensor? weight, Tensor row_index, "
       "Tensor row_weight, Tensor col_index, Tensor col_weight, int ignore_index, float label_smoothing, "

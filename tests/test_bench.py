@@ -1,6 +1,6 @@
-"""Smoke tests of the benchmark suite (fcn_fast.bench): a --quick run writes its JSON, markdown and charts, and a
-provider that computes the wrong thing is failed by the correctness gate instead of being timed. Correctness only:
-no test here asserts a speed."""
+"""Smoke tests of the benchmark suite (fcn_fast.bench): --quick runs append their rows to the data file, the set's
+report, comparisons and charts are made from that file, and a provider that computes the wrong thing is failed by the
+correctness gate instead of being timed. Correctness only: no test here asserts a speed."""
 
 import json
 
@@ -8,32 +8,48 @@ import pytest
 import torch
 
 from fcn_fast import bench
-from fcn_fast._backends import usable_backends
-from fcn_fast.bench import report
+from fcn_fast.bench import results
 from fcn_fast.bench.cases import OPS, build_cases
+from harness import requires_backend
 
 QUICK_OPS = "upsample_add,softmax_cross_entropy"
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def _bench(*argv):
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--ops", QUICK_OPS, "--device", "cpu", "--out", str(out), "--name", "q"]) == 0
+        return bench.main(list(argv))
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
-def test_quick_run_writes_results(quick_run):
-    doc = json.loads((quick_run / "q.json").read_text())
-    env = doc["env"]
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Two runs into one folder: the quick suite of two ops, then one op's forward alone."""
+    out = tmp_path_factory.mktemp("bench")
+    assert _bench("--quick", "--ops", QUICK_OPS, "--device", "cpu", "--out", str(out)) == 0
+    first = (out / "runs.jsonl").read_text()
+    assert _bench("--quick", "--ops", "softmax_cross_entropy", "--modes", "forward", "--device", "cpu",
+                  "--out", str(out), "--no-plots") == 0
+    return out, first
+
+
+def test_runs_append_rows_to_one_data_file(quick_runs):
+    out, first = quick_runs
+    text = (out / "runs.jsonl").read_text()
+    assert text.startswith(first)  # appended, nothing rewritten
+    data = results.load(out / "runs.jsonl")
+    assert len(data.runs) == 2 and set(data.elapsed) == set(data.runs)  # both ran to their end
+    one, two = data.runs
+    env = data.runs[one]["env"]
     for key in ("device_name", "torch", "triton", "cuda", "cpu_model", "cpu_threads", "date_utc", "git_commit"):
         assert key in env
-    assert doc["copy_bandwidth"]["gbps"] > 0
-    rows = doc["rows"]
+    assert data.runs[one]["copy_bandwidth"]["gbps"] > 0 and data.runs[one]["quick"]
+    rows = data.rows_of([one])
     assert {r["op"] for r in rows} == set(QUICK_OPS.split(","))
+    assert {r["op"] for r in data.rows_of([two])} == {"softmax_cross_entropy"}
+    name = results.set_name(env, "fp32", quick=True)
+    assert name == f"cpu-{results.device_slug(env['device_name'])}_fp32_{env['cpu_threads']}t_quick"
     eager = [r for r in rows if r["provider"] == "eager"]
     assert eager and all(r["status"] == "ok" for r in eager)
     for r in eager:
@@ -42,29 +58,57 @@ def test_quick_run_writes_results(quick_run):
         assert r["speedup_vs_eager"] == pytest.approx(1.0)
         assert r["bytes"] > 0 and r["gbps"] > 0 and r["bytes_formula"]
         assert r["peak_bytes"] > 0  # eager allocates at least its output
-    for r in rows:  # every row is either measured after passing its check, or says why not
-        assert r["device_name"] == env["device_name"] and r["torch"] == torch.__version__
+    for r in data.rows:  # every row says where it comes from, and is measured after its check or says why not
+        assert r["set"] == name and r["device_name"] == env["device_name"] and r["torch"] == torch.__version__
+        assert r["git_commit"] == env["git_commit"] and r["date_utc"] == data.runs[r["run"]]["env"]["date_utc"]
         assert r["status"] in ("ok", "failed", "skipped")
         assert r["status"] == "ok" or r["reason"]
-    md = (quick_run / "q.md").read_text()
+    for line in text.splitlines():
+        assert json.loads(line)["record"] in ("run", "row", "end")
+
+
+def test_set_report_is_the_latest_run_per_case(quick_runs):
+    out, _ = quick_runs
+    data = results.load(out / "runs.jsonl")
+    one, two = data.runs
+    (name,) = data.sets()
+    current = data.current(name)
+    # The second run measured softmax CE forward only: that case comes from it, everything else from the first.
+    for r in current:
+        newer = r["op"] == "softmax_cross_entropy" and r["mode"] == "forward"
+        assert r["run"] == (two if newer else one), (r["op"], r["mode"], r["run"])
+    assert {results.case_key(r) for r in current} == {results.case_key(r) for r in data.rows_of([one])}
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith(f"# fcn_fast benchmark: {name}")
     assert "## upsample_add" in md and "## softmax_cross_entropy" in md and "| eager |" in md
-    assert (quick_run / "q_upsample_add.png").stat().st_size > 0
+    assert f"`{one}`" in md and f"`{two}`" in md  # rows from two runs say which
+    assert (out / f"{name}.png").stat().st_size > 0  # drawn by the first run; the second ran with --no-plots
+    (out / f"{name}.md").unlink()
+    assert _bench("report", "--results", str(out)) == 0
+    assert (out / f"{name}.md").read_text() == md
 
 
-def test_compare_and_report(quick_run, tmp_path):
-    path = quick_run / "q.json"
-    assert bench.main(["compare", str(path), str(path), "-o", str(tmp_path / "c.md")]) == 0
+def test_compare_and_chart_from_the_data_file(quick_runs, tmp_path):
+    out, _ = quick_runs
+    data = results.load(out / "runs.jsonl")
+    one, two = data.runs
+    (name,) = data.sets()
+    assert _bench("compare", one, two, "--results", str(out), "-o", str(tmp_path / "c.md")) == 0
     text = (tmp_path / "c.md").read_text()
-    assert "| upsample_add |" in text and "| 1.00 |" in text
-    copy = tmp_path / "r.json"
-    copy.write_text(path.read_text())
-    assert bench.main(["report", str(copy), "--no-plots"]) == 0
-    assert (tmp_path / "r.md").read_text().startswith("# fcn_fast benchmark")
+    rows = [line for line in text.splitlines() if line.startswith("| softmax_cross_entropy |")]
+    assert rows and all("| forward |" in line for line in rows)  # only what both runs measured
+    assert _bench("compare", name, one, "--results", str(out), "-o", str(tmp_path / "same.md")) == 0
+    assert "| upsample_add |" in (tmp_path / "same.md").read_text()
+    assert _bench("chart", "--results", str(out), "-o", str(tmp_path)) == 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert _bench("chart", two, "--results", str(out), "-o", str(tmp_path)) == 0
+    assert (tmp_path / f"{name}_{two}.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no set or run matches"):
+        _bench("compare", "nothing-like-this", one, "--results", str(out))
 
 
+@requires_backend("cpu")  # the fused provider the wrong one stands in for
 def test_wrong_provider_is_not_timed(tmp_path, monkeypatch):
-    if not [b for b in usable_backends(torch.device("cpu")) if b not in ("reference", "triton")]:
-        pytest.skip("no native fcn_fast backend here to stand in for")
     op = OPS["softmax_cross_entropy"]
     eager = op.eager
 
@@ -75,9 +119,9 @@ def test_wrong_provider_is_not_timed(tmp_path, monkeypatch):
         return provider
 
     monkeypatch.setattr(op, "fused", wrong)
-    bench.main(["--quick", "--ops", "softmax_cross_entropy", "--device", "cpu", "--modes", "forward",
-                "--out", str(tmp_path), "--name", "w", "--no-plots"])
-    rows = report.load(tmp_path / "w.json")["rows"]
+    _bench("--quick", "--ops", "softmax_cross_entropy", "--device", "cpu", "--modes", "forward",
+           "--out", str(tmp_path), "--no-plots")
+    rows = results.load(tmp_path / "runs.jsonl").rows
     fused = [r for r in rows if r["provider"].startswith("fcn_fast:")]
     assert fused and all(r["status"] == "failed" and "median_ms" not in r for r in fused)
     assert all(r["check"]["error"] > r["check"]["tol"] for r in fused)

@@ -69,6 +69,10 @@ def test_demo_fast(tmp_path, capsys):
         stages = json.load(f)["stages"]
     assert [s["stage"] for s in stages] == ["fcn32s", "fcn16s", "fcn8s"]
     assert all(0 <= s["mean_iu"] <= 1 for s in stages)
+    for stage in stages:  # evaluated during training, for the curves of plots/stages.png; the last one is the table's
+        with open(tmp_path / "demo" / stage["stage"] / "metrics.json") as f:
+            scored = [row for row in json.load(f) if row.get("mean_iu") is not None]
+        assert len(scored) > 1 and scored[-1]["mean_iu"] == stage["mean_iu"]
     assert os.path.isfile(tmp_path / "demo" / "examples.png")
     assert os.path.isfile(tmp_path / "demo" / "plots" / "stages.png")
 

@@ -1,5 +1,6 @@
 """The foundation every op stands on: tap tables against PyTorch, the Caffe filler, import without the extension."""
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 import fcn_fast
 from fcn_fast.ops._resample import (Geometry, bilinear_filler_1d, bilinear_kernel, deconv_kernel_size,
                                     deconv_output_size, upsample_reference)
+from pipeline_helpers import REPO
 
 
 def _apply_taps(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -105,10 +107,12 @@ def test_build_info_reports_what_was_compiled():
 
 
 def test_import_works_without_the_extension():
-    """A broken or missing fcn_fast._C leaves the reference backend working and says why the others are off."""
+    """A broken or missing fcn_fast._C leaves the reference backend working and says why the others are off; and
+    importing fcn_fast does not import triton (the Triton implementations are imported on first use)."""
     code = (
         "import sys; sys.modules['fcn_fast._C'] = None\n"
         "import torch, fcn_fast\n"
+        "assert 'triton' not in sys.modules, 'importing fcn_fast imported triton'\n"
         "s = fcn_fast.available_backends()\n"
         "assert not s['cpu'].available and 'could not be loaded' in s['cpu'].reason, s['cpu']\n"
         "x = torch.randn(1, 2, 3, 3)\n"
@@ -123,3 +127,24 @@ def test_import_works_without_the_extension():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_older_torch_is_refused_at_import_with_what_was_found_and_what_is_needed():
+    floor = ".".join(map(str, fcn_fast._requirements.TORCH_FLOOR))
+    older = f"{fcn_fast._requirements.TORCH_FLOOR[0]}.{fcn_fast._requirements.TORCH_FLOOR[1] - 1}.3"
+    code = f"import torch; torch.__version__ = {older!r}; import fcn_fast"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: fcn_fast needs torch >= " + floor), last
+    assert f"found torch {older}" in last, last
+    for version in (floor + ".0", floor + ".0a0+git1234", "3.0.0", torch.__version__):
+        fcn_fast._requirements.check_torch(version)
+
+
+def test_the_torch_floor_is_the_same_in_pyproject_the_import_check_and_the_docs():
+    floor = ".".join(map(str, fcn_fast._requirements.TORCH_FLOOR))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.findall(r'"torch>=([0-9.]+)"', pyproject) == [floor, floor]  # build requirement and dependency
+    assert f"torch ≥ {floor}" in (REPO / "README.md").read_text()
+    assert f"torch ≥ {floor}" in (REPO / "docs" / "training.md").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -31,24 +30,6 @@ CAFFE_NAMES = {
     "fcn8s_atonce": ["scale_pool4", "score_pool4", "scale_pool3", "score_pool3", "upscore2", "upscore_pool4",
                      "upscore8"],
 }
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_missing(backend: str):
-    """Why upsample_add's kernels for ``backend`` do not run here (they land from other branches), or None."""
-    try:
-        fcn_fast.upsample_add(torch.ones(1, 1, 2, 2, device=device_for(backend)), factor=2, mode="deconv",
-                              backend=backend)
-    except Exception as exc:  # noqa: BLE001  (missing kernel: NotImplementedError, ImportError, ...)
-        return f"upsample_add has no {backend} kernel here ({type(exc).__name__})"
-    return None
-
-
-def require(backend: str) -> torch.device:
-    reason = kernel_missing(backend)
-    if reason:
-        pytest.skip(reason)
-    return device_for(backend)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -97,7 +78,7 @@ def fused_cases():
 
 @pytest.mark.parametrize("name,geometry,size,backend", fused_cases())
 def test_fused_matches_reference(name, geometry, size, backend):
-    device = require(backend)
+    device = device_for(backend)
     fused, reference = pair(name, geometry, device)
     # Eval mode: batch norm on running statistics. In train mode its backward cancels large terms, which turns the
     # head's float32 summation order into relative noise in the gradients before it, whatever the head computes.
@@ -130,7 +111,7 @@ def test_fused_matches_reference(name, geometry, size, backend):
 @pytest.mark.parametrize("backend", [pytest.param(*b.values, marks=list(b.marks) + (
     [pytest.mark.slow] if b.values[0] == "triton" and INTERPRETED else []), id=b.id) for b in backend_params()])
 def test_predict_and_coarse_helpers(backend):
-    device = require(backend)
+    device = device_for(backend)
     fused, reference = pair("fcn8s", "caffe", device)
     fused.eval(), reference.eval()
     x = torch.randn(2, 3, 21, 34, device=device)

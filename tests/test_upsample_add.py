@@ -1,175 +1,306 @@
-"""upsample_add: every backend against the reference (float64 ground truth), gradients, layouts, determinism,
-torch.library/compile integration, backend selection and the Python errors for bad input."""
+"""upsample_add against the PyTorch code it replaces (F.conv_transpose2d with FCN's bilinear kernel or
+F.interpolate, crop, scaled skip add), through the shared op tester (tests/op_tester.py); then what is particular to
+this op: which gradients are computed, the skip's gradient, the module, and the Python errors for bad input
+(backend selection: test_backends.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
-
-import importlib
+import math
+from typing import Optional, Sequence
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import fcn_fast
-from fcn_fast import _backends
 from fcn_fast.nn import UpsampleAdd
-from fcn_fast.ops._resample import deconv_output_size
-from harness import DTYPES, HAS_CUDA, TOLERANCES, assert_close, backend_params, device_for
+from harness import assert_close, backend_params, device_for
+from op_tester import OpTester, Sample, choose, draw_values, finite_abs, integer
 
 NATIVE_BACKENDS = backend_params(include_reference=False)
 ALL_BACKENDS = backend_params()
-# The module, not the function fcn_fast.ops re-exports under the same name.
-upsample_add_module = importlib.import_module("fcn_fast.ops.upsample_add")
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    x_shape: Tuple[int, int, int, int]
-    factor: int
-    mode: str = "interp"
-    out_size: Optional[Tuple[int, int]] = None
-    offset: Tuple[int, int] = (0, 0)
-    skip_hw: Optional[Tuple[int, int]] = None  # None: no skip
-    skip_offset: Tuple[int, int] = (0, 0)
-    skip_scale: float = 1.0
-    align_corners: bool = False
-    tiny: bool = field(default=True)  # small enough for the Triton interpreter
+# ---- the reference: plain PyTorch ------------------------------------------------------------------------------------
 
-    def kwargs(self):
-        return dict(factor=self.factor, mode=self.mode, out_size=self.out_size, offset=self.offset,
-                    skip_offset=self.skip_offset, skip_scale=self.skip_scale, align_corners=self.align_corners)
+def caffe_bilinear_kernel(channels: int, factor: int, dtype: torch.dtype) -> torch.Tensor:
+    """FCN's fixed deconvolution weight (Caffe's "bilinear" filler), depthwise: (C, 1, K, K), K = 2f - f % 2."""
+    size = 2 * factor - factor % 2
+    f = (size + 1) // 2
+    center = f - 1 if size % 2 == 1 else f - 0.5
+    filt = 1 - (torch.arange(size, dtype=torch.float64) - center).abs() / f
+    return (filt[:, None] * filt[None, :]).to(dtype).expand(channels, 1, size, size)
 
 
-CASES = [
-    Case("1x1-interp-f1", (2, 3, 1, 1), 1, skip_hw=(1, 1)),
-    Case("1x1-deconv-f32", (1, 2, 1, 1), 32, "deconv", skip_hw=(70, 66), skip_offset=(3, 1), skip_scale=0.5),
-    Case("7x13-interp-f2", (2, 3, 7, 13), 2, skip_hw=(16, 30), skip_offset=(1, 3), skip_scale=-0.75),
-    Case("7x13-deconv-f2-crop", (2, 3, 7, 13), 2, "deconv", out_size=(10, 20), offset=(1, 2), skip_hw=(12, 23),
+def deconv_size(in_size: int, factor: int) -> int:
+    return (in_size - 1) * factor + 2 * factor - factor % 2
+
+
+def upsample_reference(x: torch.Tensor, *, factor: int, mode: str = "interp", out_size: Optional[Sequence[int]] = None,
+                       offset=(0, 0), align_corners: bool = False) -> torch.Tensor:
+    """What FCN code writes: the fixed bilinear F.conv_transpose2d then a crop, or F.interpolate."""
+    h, w = x.shape[-2:]
+    if mode == "interp":
+        size = tuple(out_size) if out_size is not None else (h * factor, w * factor)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    full = F.conv_transpose2d(x, caffe_bilinear_kernel(x.shape[1], factor, x.dtype), stride=factor, groups=x.shape[1])
+    oy, ox = offset
+    oh, ow = out_size if out_size is not None else (full.shape[2] - oy, full.shape[3] - ox)
+    return full[:, :, oy:oy + oh, ox:ox + ow]
+
+
+def upsample_add_reference(x, skip=None, *, factor, mode="interp", out_size=None, offset=(0, 0), skip_offset=(0, 0),
+                           skip_scale=1.0, align_corners=False):
+    out = upsample_reference(x, factor=factor, mode=mode, out_size=out_size, offset=offset,
+                             align_corners=align_corners)
+    if skip is not None:
+        (sy, sx), (h, w) = skip_offset, out.shape[-2:]
+        out = out + skip_scale * skip[:, :, sy:sy + h, sx:sx + w]
+    return out
+
+
+def onednn_bfloat16_spreads_nan(backend: str, dtype: torch.dtype, x: torch.Tensor, mode: str) -> Optional[str]:
+    """PyTorch's bfloat16 depthwise F.conv_transpose2d on the CPU (oneDNN) turns a NaN or inf of one channel into NaN
+    in other channels (``torch.backends.mkldnn.enabled = False`` does not): the reference backend runs it."""
+    if backend == "reference" and dtype == torch.bfloat16 and mode == "deconv" and not x.to(dtype).isfinite().all():
+        return "PyTorch's bfloat16 depthwise conv_transpose2d (oneDNN) spreads NaN/inf across channels"
+    return None
+
+
+def out_hw(in_hw, factor, mode, out_size=None, offset=(0, 0), **_):
+    if out_size is not None:
+        return tuple(out_size)
+    if mode == "interp":
+        return in_hw[0] * factor, in_hw[1] * factor
+    return deconv_size(in_hw[0], factor) - offset[0], deconv_size(in_hw[1], factor) - offset[1]
+
+
+def crop_edges(in_size: int, out_size: int, factor: int, mode: str, offset: int):
+    """The input rows (or columns) the first and last output rows read: where a crop border meets the input."""
+    if mode == "interp":
+        return [0, 1, in_size - 2, in_size - 1]
+    rows = []
+    for o in (offset, offset + out_size - 1):
+        rows += [o // factor, o // factor - 1]
+    return rows
+
+
+def draw_geometry(draw, small: bool):
+    """(in_hw, options) of an upsampling: factors 1-32 (1-4 under the interpreter), offsets and out sizes at their
+    limits (0, the last one) or anywhere, H or W of 1, downsampling interp too."""
+    mode = choose(draw, ("deconv", "interp"))
+    if small:
+        factor = integer(draw, 1, 4)
+    else:
+        factor = choose(draw, (integer(draw, 1, 4), choose(draw, (8, 16, 32)), integer(draw, 1, 32)))
+    # Small: the reference's transposed convolution costs K^2 per input pixel, the interpreter far more.
+    max_in = 1 if small and factor > 2 else 3 if small else 2 if factor > 8 else 5
+    h, w = integer(draw, 1, max_in), integer(draw, 1, max_in)
+    max_out = 12 if small else 40
+    options = dict(factor=factor, mode=mode)
+    if mode == "deconv":
+        offset, size = [], []
+        for full in (deconv_size(h, factor), deconv_size(w, factor)):
+            o = choose(draw, (0, full - 1, integer(draw, 0, full - 1)))
+            room = min(full - o, max_out)
+            size.append(choose(draw, (room, 1, integer(draw, 1, room))))
+            offset.append(o)
+        options.update(offset=tuple(offset), out_size=tuple(size))
+    else:
+        options["align_corners"] = draw(st.booleans())
+        if h * factor <= max_out and w * factor <= max_out and draw(st.booleans()):
+            options["out_size"] = None  # the default, (h * factor, w * factor)
+        else:
+            options["out_size"] = (integer(draw, 1, min(max_out, h * factor + 3)),
+                                   integer(draw, 1, min(max_out, w * factor + 3)))
+    return (h, w), options
+
+
+# ---- the tester ----------------------------------------------------------------------------------------------------
+
+def case(id, x_shape, factor, mode="interp", skip_hw=None, tiny=True, seed=0, **options) -> Sample:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    skip = None if skip_hw is None else torch.randn(*x_shape[:2], *skip_hw, generator=gen, dtype=torch.float64)
+    return Sample(id, dict(x=x, skip=skip), dict(factor=factor, mode=mode, **options), tiny=tiny)
+
+
+SAMPLES = [
+    case("1x1-interp-f1", (2, 3, 1, 1), 1, skip_hw=(1, 1)),
+    case("1x1-deconv-f32", (1, 2, 1, 1), 32, "deconv", skip_hw=(70, 66), skip_offset=(3, 1), skip_scale=0.5),
+    case("7x13-interp-f2", (2, 3, 7, 13), 2, skip_hw=(16, 30), skip_offset=(1, 3), skip_scale=-0.75),
+    case("7x13-interp-f2-noskip", (2, 3, 7, 13), 2),
+    case("7x13-deconv-f2-crop", (2, 3, 7, 13), 2, "deconv", out_size=(10, 20), offset=(1, 2), skip_hw=(12, 23),
          skip_offset=(2, 1), skip_scale=0.01),
-    Case("5x6-deconv-f3", (1, 2, 5, 6), 3, "deconv", skip_hw=(17, 20)),
-    Case("4x4-deconv-f8-crop4", (1, 2, 4, 4), 8, "deconv", out_size=(20, 24), offset=(4, 4)),
-    Case("2x3-deconv-f16", (1, 2, 2, 3), 16, "deconv", offset=(7, 9), skip_hw=(44, 60), skip_offset=(1, 2),
+    case("7x13-deconv-f2-crop-noskip", (2, 3, 7, 13), 2, "deconv", out_size=(10, 20), offset=(1, 2)),
+    case("5x6-deconv-f3", (1, 2, 5, 6), 3, "deconv", skip_hw=(17, 20)),
+    case("4x4-deconv-f8-crop4", (1, 2, 4, 4), 8, "deconv", out_size=(20, 24), offset=(4, 4)),
+    case("2x3-deconv-f16", (1, 2, 2, 3), 16, "deconv", offset=(7, 9), skip_hw=(44, 60), skip_offset=(1, 2),
          skip_scale=2.0),
-    Case("3x2-interp-f8-align", (1, 2, 3, 2), 8, align_corners=True, skip_hw=(24, 16)),
-    Case("9x7-interp-down", (1, 3, 9, 7), 1, out_size=(5, 4), skip_hw=(6, 4), skip_offset=(1, 0)),
-    Case("6x5-interp-f4-size", (1, 2, 6, 5), 4, out_size=(21, 19)),
-    Case("fcn8s-upscore2", (1, 21, 16, 16), 2, "deconv", skip_hw=(44, 44), skip_offset=(5, 5), skip_scale=0.01,
+    case("2x3-deconv-f16-noskip", (1, 2, 2, 3), 16, "deconv", offset=(7, 9)),
+    case("3x2-interp-f8-align", (1, 2, 3, 2), 8, align_corners=True, skip_hw=(24, 16)),
+    case("9x7-interp-down", (1, 3, 9, 7), 1, out_size=(5, 4), skip_hw=(6, 4), skip_offset=(1, 0)),
+    case("6x5-interp-f4-size", (1, 2, 6, 5), 4, out_size=(21, 19)),
+    case("empty-batch", (0, 3, 7, 13), 2, "deconv", out_size=(10, 20), offset=(1, 2), skip_hw=(12, 23)),
+    case("fcn8s-upscore2", (1, 21, 16, 16), 2, "deconv", skip_hw=(44, 44), skip_offset=(5, 5), skip_scale=0.01,
          tiny=False),
-    Case("fcn8s-upscore8", (1, 3, 70, 70), 8, "deconv", out_size=(500, 500), offset=(31, 31), tiny=False),
-    Case("63x65-interp-f4", (1, 2, 63, 65), 4, skip_hw=(252, 260), tiny=False),
-    Case("63x65-deconv-f2", (2, 2, 63, 65), 2, "deconv", skip_hw=(130, 134), skip_offset=(2, 1), skip_scale=0.3,
+    case("fcn8s-upscore8", (1, 3, 70, 70), 8, "deconv", out_size=(500, 500), offset=(31, 31), tiny=False),
+    case("63x65-interp-f4", (1, 2, 63, 65), 4, skip_hw=(252, 260), tiny=False),
+    case("63x65-deconv-f2", (2, 2, 63, 65), 2, "deconv", skip_hw=(130, 134), skip_offset=(2, 1), skip_scale=0.3,
          tiny=False),
 ]
 
 
-def _inputs(case: Case, dtype, device, *, with_skip=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.x_shape, generator=gen, dtype=torch.float64).to(dtype)
-    skip = None
-    if with_skip and case.skip_hw is not None:
-        skip = torch.randn(case.x_shape[:2] + case.skip_hw, generator=gen, dtype=torch.float64).to(dtype)
-    return x.to(device), (skip.to(device) if skip is not None else None)
-
-
-def _run(backend, x, skip, grad_out=None, **kwargs):
-    """Forward, then the gradients of x (and skip) for grad_out (random when None). Returns (out, grads, grad_out)."""
-    x = x.detach().requires_grad_(True)
-    leaves = [x]
+def with_values(sample: Sample, id: str, x=None, skip=None, **options) -> Sample:
+    """``sample`` with x (and skip) changed by the given functions of their values."""
+    tensors = dict(sample.tensors)
+    if x is not None:
+        tensors["x"] = x(tensors["x"].clone())
     if skip is not None:
-        skip = skip.detach().requires_grad_(True)
-        leaves.append(skip)
-    out = fcn_fast.upsample_add(x, skip, backend=backend, **kwargs)
-    if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        grad_out = grad_out.to(out.dtype).to(out.device)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    return out, grads, grad_out
+        tensors["skip"] = skip(tensors["skip"].clone())
+    return Sample(id, tensors, {**sample.options, **options}, sample.tiny)
 
 
-def _expected(x, skip, grad_out, **kwargs):
-    """The reference in float64 on the very same (rounded) inputs: the exact answer every dtype is held to."""
-    double = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
-    out, grads, _ = _run("reference", double(x), double(skip), double(grad_out), **kwargs)
-    return out, grads
+def _set(index, value):
+    def change(t):
+        t[index] = value
+        return t
+    return change
 
 
-def _check_against_reference(backend, case: Case, dtype, *, with_skip=True):
-    x, skip = _inputs(case, dtype, device_for(backend), with_skip=with_skip)
-    out, grads, grad_out = _run(backend, x, skip, **case.kwargs())
-    want, want_grads = _expected(x, skip, grad_out, **case.kwargs())
-    assert out.dtype == dtype and out.device == x.device and out.is_contiguous()
-    assert_close(out, want, dtype)
-    for got, expected in zip(grads, want_grads):
-        assert got.shape == expected.shape and got.dtype == dtype
-        assert_close(got, expected, dtype)
+INF, NAN = math.inf, math.nan
+DECONV = case("deconv", (1, 3, 4, 4), 2, "deconv", out_size=(7, 8), offset=(1, 0), skip_hw=(9, 9),
+              skip_offset=(1, 1), skip_scale=0.5)
+DECONV3 = case("deconv3", (1, 2, 3, 3), 3, "deconv", skip_hw=(12, 13), skip_offset=(1, 2))
+INTERP = case("interp", (1, 3, 3, 4), 2, skip_hw=(7, 9), skip_offset=(1, 1))
+ALIGNED = case("aligned", (1, 2, 3, 3), 2, out_size=(5, 5), align_corners=True)
+SPECIAL_SAMPLES = [
+    # A class masked with -inf: -inf wherever the class is upsampled, never NaN (a missing tap adds nothing).
+    with_values(DECONV, "deconv-class-neg-inf", x=_set((slice(None), 2), -INF)),
+    with_values(DECONV3, "deconv-f3-class-neg-inf", x=_set((slice(None), 0), -INF)),
+    with_values(case("deconv-f1", (1, 2, 3, 3), 1, "deconv"), "deconv-f1-inf-point", x=_set((0, 1, 1, 1), INF)),
+    with_values(DECONV, "deconv-corner-inf", x=_set((0, 0, 0, 0), INF)),
+    with_values(DECONV, "deconv-last-corner-neg-inf", x=_set((0, 2, 3, 3), -INF)),
+    with_values(DECONV, "deconv-inf-meets-neg-inf", x=lambda t: _set((0, 1, 1, 2), -INF)(_set((0, 1, 1, 1), INF)(t))),
+    with_values(DECONV, "deconv-nan-point", x=_set((0, 1, 2, 1), NAN)),
+    with_values(INTERP, "interp-class-neg-inf", x=_set((slice(None), 1), -INF)),
+    with_values(INTERP, "interp-corner-inf", x=_set((0, 0, 0, 0), INF)),
+    with_values(INTERP, "interp-last-corner-inf", x=_set((0, 2, 2, 3), INF)),
+    with_values(ALIGNED, "interp-aligned-inf-point", x=_set((0, 1, 1, 1), INF)),
+    with_values(INTERP, "interp-nan-point", x=_set((0, 0, 1, 2), NAN)),
+    # PyTorch computes the source index scale * (o + 0.5) - 0.5 with one rounding (a fused multiply-add): at
+    # output row 1 of 2 -> 6 its weight for row 1 is 2^-26, not 0, so a class masked with -inf stays -inf there.
+    with_values(case("interp-2x2-to-6x5", (1, 2, 2, 2), 3, out_size=(6, 5)), "interp-source-index-rounding",
+                x=_set((0, 0), -INF)),
+    with_values(DECONV, "skip-inf-nan-in-and-out-of-crop",
+                skip=lambda t: _set((0, 0, 0, 0), NAN)(_set((0, 1, 1, 1), INF)(_set((0, 2, 8, 8), -INF)(t)))),
+    with_values(DECONV, "skip-scale-zero-inf-skip", skip=_set((0, 0, 2, 2), INF), skip_scale=0.0),
+    with_values(DECONV, "huge-1e30", x=lambda t: _set((0, 0, 1, 1), -1e30)(_set((0, 0, 0, 0), 1e30)(t))),
+    with_values(DECONV, "max-3e38-overflows-with-skip", x=lambda t: t.fill_(3e38), skip=lambda t: t.fill_(3e38),
+                skip_scale=2.0),
+    with_values(INTERP, "all-equal-3e38", x=lambda t: t.fill_(-3e38)),
+    with_values(DECONV, "subnormal", x=lambda t: t.sign() * 1e-39, skip=lambda t: t * 1e-39),
+]
 
 
-# ---- values and gradients against the reference ------------------------------------------------------------------
+class TestUpsampleAdd(OpTester):
+    differentiable = ("x", "skip")
 
-@pytest.mark.parametrize("case", [c for c in CASES], ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_matches_reference(backend, dtype, case):
-    if backend == "triton" and not HAS_CUDA and not case.tiny:
-        pytest.skip("Triton interpreter: tiny cases only (slow)")
-    _check_against_reference(backend, case, dtype)
+    def op(self, backend, x, skip=None, **options):
+        return fcn_fast.upsample_add(x, skip, backend=backend, **options)
+
+    def reference(self, float_dtype, x, skip=None, **options):
+        return upsample_add_reference(x, skip, **options)
+
+    def samples(self):
+        return SAMPLES
+
+    def known_deviation(self, backend, dtype, sample):
+        return onednn_bfloat16_spreads_nan(backend, dtype, sample.tensors["x"], sample.options["mode"])
+
+    def layout_sample(self):
+        return SAMPLES[4]
+
+    def special_samples(self):
+        return SPECIAL_SAMPLES
+
+    def gradcheck_samples(self):
+        # Small skips: gradcheck perturbs every input element.
+        return [
+            case("deconv-f2-crop", (1, 2, 3, 4), 2, "deconv", out_size=(6, 7), offset=(1, 1), skip_hw=(7, 9),
+                 skip_offset=(1, 2), skip_scale=0.3),
+            case("deconv-f4", (1, 1, 2, 2), 4, "deconv", skip_hw=(13, 12), skip_offset=(1, 0), skip_scale=-2.0),
+            case("interp-f3-align", (1, 2, 3, 4), 3, align_corners=True, skip_hw=(10, 13), skip_offset=(1, 1),
+                 skip_scale=0.5),
+            case("interp-down", (1, 2, 5, 4), 1, out_size=(3, 7), skip_hw=(3, 7)),
+        ]
+
+    def thread_samples(self):
+        return [case("deconv-f8", (2, 8, 40, 40), 8, "deconv", offset=(4, 4), skip_hw=(330, 330), tiny=False),
+                case("interp-f4-channels", (2, 16, 30, 33), 4, skip_hw=(121, 133), skip_offset=(1, 1), tiny=False)]
+
+    def scales(self, dtype, inputs, options, expected, grad_out, rounded_in_dtype):
+        """Bilinear weights are not negative: the same composition on |x|, |skip|, |skip_scale| (and |grad_out|)
+        bounds every term of each output (and gradient) element. Infinities and NaN count as 0: where they reach
+        an output it is compared exactly."""
+        absolute = {n: (None if t is None else finite_abs(t).requires_grad_(True)) for n, t in inputs.items()}
+        opts = {**options, "skip_scale": abs(options.get("skip_scale", 1.0))}
+        out = upsample_add_reference(absolute["x"], absolute["skip"], **opts)
+        leaves = [t for t in absolute.values() if t is not None]
+        grads = torch.autograd.grad(out, leaves, finite_abs(grad_out))
+        return out.detach(), dict(zip([n for n, t in absolute.items() if t is not None], grads))
+
+    def property_sample(self, draw, dtype, small):
+        (h, w), options = draw_geometry(draw, small)
+        n, c = integer(draw, 0, 2), integer(draw, 1, 2 if small else 4)
+        oh, ow = out_hw((h, w), **options)
+        edges = {2: crop_edges(h, oh, options["factor"], options["mode"], options.get("offset", (0, 0))[0]),
+                 3: crop_edges(w, ow, options["factor"], options["mode"], options.get("offset", (0, 0))[1])}
+        x = draw_values(draw, (n, c, h, w), dtype, edges)
+        skip = None
+        if draw(st.booleans()):
+            margin = (integer(draw, 0, 3), integer(draw, 0, 3))
+            sy, sx = integer(draw, 0, margin[0]), integer(draw, 0, margin[1])
+            skip_edges = {2: [sy - 1, sy, sy + oh - 1, sy + oh], 3: [sx - 1, sx, sx + ow - 1, sx + ow]}
+            skip = draw_values(draw, (n, c, oh + margin[0], ow + margin[1]), dtype, skip_edges)
+            options.update(skip_offset=(sy, sx), skip_scale=choose(draw, (1.0, 0.5, -2.0, 0.01, 0.0)))
+        return Sample("drawn", dict(x=x, skip=skip), options)
+
+    def opcheck_calls(self, backend):
+        x, skip = (t.to(device_for(backend)) for t in (SAMPLES[4].tensors["x"], SAMPLES[4].tensors["skip"]))
+        x, skip = x.float().requires_grad_(), skip.float().requires_grad_()
+        grad = torch.randn(x.shape[0], x.shape[1], 10, 20, device=x.device)
+        return [
+            (torch.ops.fcn_fast.upsample_add.default,
+             (x, skip, 2, "deconv", 10, 20, 1, 2, 2, 1, 0.01, False, backend)),
+            (torch.ops.fcn_fast.upsample_add_backward.default,
+             (grad, 7, 13, skip.shape[2], skip.shape[3], 2, "deconv", 1, 2, 2, 1, 0.01, False, True, True, backend)),
+        ]
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6]], ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_without_skip(backend, case):
-    _check_against_reference(backend, case, torch.float32, with_skip=False)
+# ---- gradients: only those asked for; the skip's -------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("layout", ["channels_last", "strided", "expanded-skip"])
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_layouts(backend, layout):
-    case = CASES[3]
-    x, skip = _inputs(case, torch.float32, device_for(backend))
-    if layout == "channels_last":
-        x, skip = x.to(memory_format=torch.channels_last), skip.to(memory_format=torch.channels_last)
-        assert not x.is_contiguous()
-    elif layout == "strided":
-        # Transposed storage and every other column: neither contiguous nor channels_last.
-        x = x.transpose(2, 3).contiguous().transpose(2, 3)
-        skip = torch.cat([skip, skip], 3)[..., ::2]
-        assert not x.is_contiguous() and not skip.is_contiguous()
-    else:
-        skip = skip[:1].expand_as(skip)
-    out, grads, grad_out = _run(backend, x, skip, **case.kwargs())
-    want, want_grads = _expected(x, skip, grad_out, **case.kwargs())
-    assert out.is_contiguous()
-    assert_close(out, want, torch.float32)
-    for got, expected in zip(grads, want_grads):
-        assert_close(got, expected, torch.float32)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_empty_batch(backend):
-    case = CASES[3]
-    x, skip = _inputs(case, torch.float32, device_for(backend))
-    out, (grad_x, grad_skip), _ = _run(backend, x[:0], skip[:0], **case.kwargs())
-    assert out.shape == (0, 3, 10, 20) and grad_x.shape == (0,) + x.shape[1:] and grad_skip.shape == (0,) + skip.shape[1:]
+def _inputs(sample: Sample, device):
+    x, skip = sample.tensors["x"], sample.tensors["skip"]
+    return x.float().to(device), skip.float().to(device)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_grad_of_one_input_only(backend):
     """Only the gradients asked for are computed, and each equals its part of the full backward."""
-    case = CASES[3]
-    x, skip = _inputs(case, torch.float32, device_for(backend))
-    _, (want_x, want_skip), grad_out = _run(backend, x, skip, **case.kwargs())
-    out = fcn_fast.upsample_add(x.requires_grad_(True), skip, backend=backend, **case.kwargs())
-    (grad_x,) = torch.autograd.grad(out, [x], grad_out)
-    x.requires_grad_(False)
+    sample = SAMPLES[4]
+    x, skip = _inputs(sample, device_for(backend))
+    x.requires_grad_(True)
     skip.requires_grad_(True)
-    out = fcn_fast.upsample_add(x, skip, backend=backend, **case.kwargs())
+    grad_out = torch.randn(2, 3, 10, 20, generator=torch.Generator().manual_seed(1)).to(x.device)
+    want_x, want_skip = torch.autograd.grad(fcn_fast.upsample_add(x, skip, backend=backend, **sample.options), [x, skip],
+                                            grad_out)
+    out = fcn_fast.upsample_add(x, skip.detach(), backend=backend, **sample.options)
+    (grad_x,) = torch.autograd.grad(out, [x], grad_out)
+    out = fcn_fast.upsample_add(x.detach(), skip, backend=backend, **sample.options)
     (grad_skip,) = torch.autograd.grad(out, [skip], grad_out)
     assert torch.equal(grad_x, want_x) and torch.equal(grad_skip, want_skip)
-
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -187,155 +318,7 @@ def test_whole_unscaled_skip_takes_the_output_gradient(backend):
     _, grad_skip = torch.autograd.grad(scaled, [x, skip], grad_out)
     assert grad_skip.data_ptr() != grad_out.data_ptr() and torch.equal(grad_skip, grad_out * 0.5)
 
-# ---- hypothesis: random geometry against the reference -------------------------------------------------------------
-
-@st.composite
-def geometries(draw, max_factor=8, max_size=9):
-    mode = draw(st.sampled_from(["deconv", "interp"]))
-    factor = draw(st.integers(1, max_factor))
-    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    h, w = draw(st.integers(1, max_size)), draw(st.integers(1, max_size))
-    kwargs = dict(factor=factor, mode=mode)
-    if mode == "deconv":
-        full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
-        offset = (draw(st.integers(0, full[0] - 1)), draw(st.integers(0, full[1] - 1)))
-        out = (draw(st.integers(1, full[0] - offset[0])), draw(st.integers(1, full[1] - offset[1])))
-        kwargs.update(offset=offset, out_size=out)
-    else:
-        align = draw(st.booleans())
-        if draw(st.booleans()):
-            out = (h * factor, w * factor)
-        else:
-            out = (draw(st.integers(1, h * factor + 3)), draw(st.integers(1, w * factor + 3)))
-            kwargs["out_size"] = out
-        kwargs["align_corners"] = align
-    skip_hw = None
-    if draw(st.booleans()):
-        margin = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-        skip_hw = (out[0] + margin[0], out[1] + margin[1])
-        kwargs["skip_offset"] = (draw(st.integers(0, margin[0])), draw(st.integers(0, margin[1])))
-        kwargs["skip_scale"] = draw(st.sampled_from([1.0, 0.5, -2.0, 0.01, 1e-4]))
-    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
-    seed = draw(st.integers(0, 2**16))
-    return (n, c, h, w), skip_hw, kwargs, dtype, seed
-
-
-def _check_random_geometry(backend, geometry):
-    x_shape, skip_hw, kwargs, dtype, seed = geometry
-    gen = torch.Generator().manual_seed(seed)
-    device = device_for(backend)
-    x = torch.randn(x_shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
-    skip = None
-    if skip_hw is not None:
-        skip = torch.randn(x_shape[:2] + skip_hw, generator=gen, dtype=torch.float64).to(dtype).to(device)
-    out, grads, grad_out = _run(backend, x, skip, **kwargs)
-    want, want_grads = _expected(x, skip, grad_out, **kwargs)
-    assert_close(out, want, dtype)
-    for got, expected in zip(grads, want_grads):
-        assert_close(got, expected, dtype)
-
-
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(geometry=geometries(max_factor=16))
-def test_random_geometry_cpu(geometry):
-    if not _backends.available_backends()["cpu"]:
-        pytest.skip(_backends.available_backends()["cpu"].reason)
-    _check_random_geometry("cpu", geometry)
-
-
-@pytest.mark.parametrize("backend", [p for p in NATIVE_BACKENDS if p.values[0] != "cpu"])
-def test_random_geometry_gpu_backends(backend):
-    # Fewer examples under the Triton interpreter; the same 300 as the CPU on a GPU.
-    examples = 300 if HAS_CUDA else 40
-
-    @settings(max_examples=examples, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(geometry=geometries(max_factor=8, max_size=5))
-    def check(geometry):
-        _check_random_geometry(backend, geometry)
-
-    check()
-
-
-# ---- autograd, torch.library, torch.compile -------------------------------------------------------------------------
-
-# Small skips: gradcheck perturbs every input element.
-GRADCHECK_CASES = [
-    Case("deconv-f2-crop", (1, 2, 3, 4), 2, "deconv", out_size=(6, 7), offset=(1, 1), skip_hw=(7, 9),
-         skip_offset=(1, 2), skip_scale=0.3),
-    Case("deconv-f4", (1, 1, 2, 2), 4, "deconv", skip_hw=(13, 12), skip_offset=(1, 0), skip_scale=-2.0),
-    Case("interp-f3-align", (1, 2, 3, 4), 3, align_corners=True, skip_hw=(10, 13), skip_offset=(1, 1), skip_scale=0.5),
-    Case("interp-down", (1, 2, 5, 4), 1, out_size=(3, 7), skip_hw=(3, 7)),
-]
-
-
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", [p for p in ALL_BACKENDS if p.values[0] != "triton"])
-def test_gradcheck(backend, case):
-    x, skip = _inputs(case, torch.float64, device_for(backend))
-    x.requires_grad_(True)
-    skip.requires_grad_(True)
-    fn = lambda a, b: fcn_fast.upsample_add(a, b, backend=backend, **case.kwargs())  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, skip))
-
-
-def _op_args(case: Case, backend, requires_grad=True):
-    x, skip = _inputs(case, torch.float32, device_for(backend))
-    x.requires_grad_(requires_grad)
-    skip.requires_grad_(requires_grad)
-    out_h, out_w = case.out_size
-    return (x, skip, case.factor, case.mode, out_h, out_w, case.offset[0], case.offset[1], case.skip_offset[0],
-            case.skip_offset[1], case.skip_scale, case.align_corners, backend)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_opcheck(backend):
-    args = _op_args(CASES[3], backend)
-    torch.library.opcheck(torch.ops.fcn_fast.upsample_add.default, args)
-    x, skip = args[0].detach(), args[1].detach()
-    grad = torch.randn(x.shape[0], x.shape[1], 10, 20, device=x.device)
-    bwd_args = (grad, 7, 13, skip.shape[2], skip.shape[3], 2, "deconv", 1, 2, 2, 1, 0.01, False, True, True, backend)
-    torch.library.opcheck(torch.ops.fcn_fast.upsample_add_backward.default, bwd_args)
-
-
-class _Head(torch.nn.Module):
-    """FCN-8s's first fusion (upscore2 + crop(score_pool4)) between two pointwise ops, as in a model."""
-
-    def __init__(self, backend):
-        super().__init__()
-        self.up = UpsampleAdd(factor=2, mode="deconv", skip_offset=(5, 5), skip_scale=0.01, backend=backend)
-
-    def forward(self, x, skip):
-        return torch.relu(self.up(x * 2.0, skip)) - 1.0
-
-
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=NATIVE_BACKENDS[0].marks)])
-def test_compile_fullgraph(backend):
-    torch._dynamo.reset()
-    model = _Head(backend)
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(1, 3, 8, 8, requires_grad=True)
-    skip = torch.randn(1, 3, 24, 24, requires_grad=True)
-    eager_out = model(x, skip)
-    out = compiled(x, skip)
-    torch.testing.assert_close(out, eager_out)
-    g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, (x, skip), g), torch.autograd.grad(eager_out, (x, skip), g))
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-def test_backward_is_deterministic(backend):
-    tiny = backend == "triton" and not HAS_CUDA
-    case = CASES[3] if tiny else Case("det", (2, 8, 40, 40), 8, "deconv", offset=(4, 4), skip_hw=(330, 330))
-    x, skip = _inputs(case, torch.float32, device_for(backend))
-    out1, grads1, grad_out = _run(backend, x, skip, **case.kwargs())
-    out2, grads2, _ = _run(backend, x, skip, grad_out, **case.kwargs())
-    assert torch.equal(out1, out2)
-    for a, b in zip(grads1, grads2):
-        assert torch.equal(a, b)
-
-
-# ---- modules, backend selection ------------------------------------------------------------------------------------
+# ---- module -----------------------------------------------------------------------------------------------------------
 
 def test_module_repr_and_forward():
     module = UpsampleAdd(factor=2, mode="deconv", skip_offset=(5, 5), skip_scale=0.01)
@@ -346,60 +329,6 @@ def test_module_repr_and_forward():
     want = fcn_fast.upsample_add(x, skip, factor=2, mode="deconv", skip_offset=(5, 5), skip_scale=0.01,
                                  backend="reference")
     assert_close(module(x, skip), want)
-
-
-def test_available_backends():
-    status = fcn_fast.available_backends()
-    assert list(status) == ["reference", "cpu", "cuda", "triton", "cuda_emulated"]
-    assert status["reference"].available
-    for name, s in status.items():
-        assert s.name == name and isinstance(s.reason, str) and s.reason
-    if not HAS_CUDA:
-        assert not status["cuda"] and "CUDA" in status["cuda"].reason
-
-
-@pytest.fixture
-def record_backend(monkeypatch):
-    """Records the backend each forward call runs on (the real implementation still runs)."""
-    calls = []
-    for name, impl in list(upsample_add_module._FORWARD.items()):
-        def spy(*args, _name=name, _impl=impl):
-            calls.append(_name)
-            return _impl(*args)
-        monkeypatch.setitem(upsample_add_module._FORWARD, name, spy)
-    return calls
-
-
-def test_backend_selection(record_backend, monkeypatch):
-    x = torch.randn(1, 2, 3, 3)
-    monkeypatch.delenv("FCN_FAST_BACKEND", raising=False)
-    fcn_fast.upsample_add(x, factor=2)
-    default = _backends.usable_backends(x.device)
-    assert record_backend[-1] == ("cpu" if "cpu" in default else "reference")
-    with fcn_fast.use_backend("reference"):
-        fcn_fast.upsample_add(x, factor=2)
-        assert record_backend[-1] == "reference"
-        if "cpu" in default:
-            fcn_fast.upsample_add(x, factor=2, backend="cpu")  # the argument wins over the block
-            assert record_backend[-1] == "cpu"
-    monkeypatch.setenv("FCN_FAST_BACKEND", "reference")
-    fcn_fast.upsample_add(x, factor=2)
-    assert record_backend[-1] == "reference"
-    if "cpu" in default:
-        with fcn_fast.use_backend("cpu"):  # the block wins over the environment
-            fcn_fast.upsample_add(x, factor=2)
-            assert record_backend[-1] == "cpu"
-
-
-def test_unavailable_or_unknown_backend():
-    x = torch.randn(1, 2, 3, 3)
-    with pytest.raises(ValueError, match=r"backend 'cuda' is unavailable here.*Usable on cpu: reference"):
-        fcn_fast.upsample_add(x, factor=2, backend="cuda")
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*reference, cpu, cuda, triton"):
-        fcn_fast.upsample_add(x, factor=2, backend="tpu")
-    with pytest.raises(ValueError, match="unknown backend"):
-        with fcn_fast.use_backend("fast"):
-            pass
 
 
 # ---- bad input: a Python error naming the argument, before any kernel ----------------------------------------------

@@ -117,6 +117,7 @@ class OpBench:
     grad_keys: Tuple[str, ...] = ()
     bytes_formula: Dict[str, str] = {}
     compile_on_cpu = True
+    model = False  # a whole network: fp32 only, checked against eager in fp32, images/s reported
 
     def inputs(self, s: Shape, dtype: torch.dtype, device, gen) -> dict:
         raise NotImplementedError
@@ -268,6 +269,7 @@ class ModelBench(OpBench):
     grad_keys = ()
     bytes_formula = {}
     compile_on_cpu = False  # compiling VGG16 forward + backward on a few CPU cores takes minutes
+    model = True
 
     def available(self):
         try:
@@ -320,8 +322,74 @@ class ModelBench(OpBench):
         return None  # the convolutions bound it: images/s is the figure
 
 
+class TorchvisionStepBench(OpBench):
+    """A training step (forward, loss, backward; mode "full") of a torchvision segmentation model with its aux head
+    (``aux_loss=True``, as torchvision's reference recipe trains FCN and DeepLabV3): eager is the original model and
+    the reference script's criterion (``F.interpolate`` to the input in the model, ``F.cross_entropy`` per head, aux
+    weighted 0.5); fcn_fast runs the same weights through ``fcn_fast.integrations.fuse`` (coarse logits into
+    ``SegmentationLoss``: upsampling and loss fused per head). Eval mode (dropout off, batch-norm running statistics)
+    so both compute the same function; time and peak memory of the step are what is compared."""
+
+    modes = ("full",)
+    grad_keys = ()
+    bytes_formula = {}
+    compile_on_cpu = False
+    model = True
+
+    def __init__(self, builder: str):
+        self.name = builder
+
+    def available(self):
+        try:
+            from torchvision.models import segmentation  # noqa: F401
+        except ImportError as exc:
+            return f"torchvision is not installed ({exc})"
+        return None
+
+    def _build(self, s, device):
+        from torchvision.models import segmentation
+
+        torch.manual_seed(0)  # one set of weights for both providers
+        model = getattr(segmentation, self.name)(weights=None, weights_backbone=None, num_classes=s.c, aux_loss=True)
+        return model.to(device).eval()
+
+    def inputs(self, s, dtype, device, gen):
+        return {"image": _randn((s.n, 3, *s.out_hw), dtype, device, gen),
+                "target": _targets(s.n, s.out_hw, s.c, device, gen)}
+
+    def eager(self, s, device, dtype):
+        model = self._build(s, device)
+
+        def step(inp):
+            out = model(inp["image"])
+            return (F.cross_entropy(out["out"], inp["target"], ignore_index=IGNORE_INDEX)
+                    + 0.5 * F.cross_entropy(out["aux"], inp["target"], ignore_index=IGNORE_INDEX))
+
+        return Provider("eager", step, params=list(model.parameters()))
+
+    def fused(self, s, device, dtype, backend):
+        from fcn_fast.integrations import SegmentationLoss, fuse
+
+        model = fuse(self._build(s, device), backend=backend)
+        loss = SegmentationLoss(ignore_index=IGNORE_INDEX, aux_weight=0.5, backend=backend)
+        return Provider(f"fcn_fast:{backend}", lambda inp: loss(model.coarse(inp["image"]), inp["target"]),
+                        params=list(model.parameters()))
+
+    def bytes(self, s, dtype, mode):
+        return None  # the convolutions bound it: time and peak memory are the figures
+
+
+TORCHVISION_STEPS = ("deeplabv3_resnet50", "fcn_resnet50")
+
+
+def is_model(op: str) -> bool:
+    """Whether an op name is a whole-network case (see OpBench.model)."""
+    return op in OPS and OPS[op].model
+
+
 OPS: Dict[str, OpBench] = {op.name: op for op in (UpsampleAddBench(), CrossEntropyBench(), UpsampleCrossEntropyBench(),
-                                                   UpsampleArgmaxBench(), ModelBench())}
+                                                   UpsampleArgmaxBench(), ModelBench(),
+                                                   *(TorchvisionStepBench(b) for b in TORCHVISION_STEPS))}
 
 
 # ---- the shapes -----------------------------------------------------------------------------------------------------
@@ -369,10 +437,13 @@ def _merge(*scenes: Dict[str, List[Shape]]) -> Dict[str, List[Shape]]:
 
 
 def scenes(device_type: str, quick: bool) -> Dict[str, List[Shape]]:
-    """Shapes per op. The GPU runs the issue's batch sizes; the CPU runs batch 1 (said in each row's note)."""
+    """Shapes per op. The GPU runs the batch sizes of the workloads named (VOC training batches, Cityscapes, ADE20K);
+    the CPU runs smaller ones (said in each row's note)."""
     if quick:
         tiny = _scene_shapes("quick128", 1, 21, (128, 128), "quick: tiny shapes")
         tiny["fcn8s"] = [Shape("quick64", 1, 21, (64, 64), width=0.125, note="quick: width 1/8")]
+        for builder in TORCHVISION_STEPS:
+            tiny[builder] = [Shape("quick64", 1, 21, (64, 64), note="quick: tiny shapes")]
         return tiny
     if device_type == "cuda":
         return _merge(
@@ -381,6 +452,7 @@ def scenes(device_type: str, quick: bool) -> Dict[str, List[Shape]]:
             _scene_shapes("cityscapes", 2, 19, (1024, 2048), ""),
             _scene_shapes("ade512", 8, 150, (512, 512), "", f2=False),
             {"fcn8s": [Shape("voc512", 8, 21, (512, 512))]},
+            {builder: [Shape(f"voc512 n{n}", n, 21, (512, 512)) for n in (4, 8)] for builder in TORCHVISION_STEPS},
         )
     cpu = "batch scaled down for the CPU: N={} (GPU N={})"
     return _merge(
@@ -389,6 +461,8 @@ def scenes(device_type: str, quick: bool) -> Dict[str, List[Shape]]:
         _scene_shapes("cityscapes", 1, 19, (1024, 2048), cpu.format(1, 2)),
         _scene_shapes("ade512", 1, 150, (512, 512), cpu.format(1, 8), f2=False),
         {"fcn8s": [Shape("cpu256", 1, 21, (256, 256), width=0.25, note="CPU case: width 1/4 of every channel count")]},
+        {builder: [Shape(f"voc512 n{n}", n, 21, (512, 512), note=cpu.format(n, "4, 8")) for n in (1, 2)]
+         for builder in TORCHVISION_STEPS},
     )
 
 
@@ -414,8 +488,8 @@ def build_cases(device_type: str, quick: bool, ops: Optional[Sequence[str]] = No
             if match and match not in shape.label:
                 continue
             for dtype in dtypes or dtypes_for(device_type, quick):
-                if op == "fcn8s" and dtype != "fp32":
-                    continue  # the model trains in fp32 here; mixed precision is not part of this suite
+                if OPS[op].model and dtype != "fp32":
+                    continue  # models train in fp32 here; mixed precision is not part of this suite
                 want = tuple(m for m in OPS[op].modes if not modes or m in modes)
                 if quick:
                     want = tuple(m for m in want if m != "backward") or want

@@ -3,10 +3,11 @@ device's copy bandwidth, and the correctness gate every provider passes before i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -14,6 +15,19 @@ import torch
 # pixels allowed to differ (near-ties flip when logits are rounded to 8 or 11 bits).
 REL_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
 LABEL_TOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+@contextlib.contextmanager
+def float32_as_float32() -> Iterator[None]:
+    """TF32 off for cuDNN and matmuls inside the block (restored after). cuDNN's TF32 is on by default, so a float32
+    F.conv_transpose2d on a GPU (eager's deconvolution, the references) rounds its inputs to 10-bit mantissas: about
+    1e-3 relative error, over the 1e-4 that float32 results are compared with."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def synchronize(device: torch.device) -> None:

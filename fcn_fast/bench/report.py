@@ -1,4 +1,5 @@
-"""Results files: the environment a run records, JSON, the markdown table, PNG bar charts, and two runs compared."""
+"""What the results say: the environment a run records, a set's markdown report, its PNG chart, and two selections
+of rows compared. The rows come from the data file (fcn_fast.bench.results)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-SCHEMA = 1
+from fcn_fast.bench.cases import is_model
+
 
 
 def _cpu_model() -> str:
@@ -75,59 +76,46 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def default_stem(env: dict, quick: bool) -> str:
-    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-")
-    threads = f"_{env['cpu_threads']}t" if env["device_type"] == "cpu" else ""
-    return f"{env['device_type']}_{name}{threads}" + ("_quick" if quick else "")
-
-
-ROW_ENV = ("device_name", "torch", "triton", "cuda", "cpu_threads", "date_utc", "git_commit")
-
-
-def write_json(path: Path, env: dict, copy_bw: dict, rows: List[dict], argv: Sequence[str], elapsed_s: float) -> None:
-    """The run's file; each row also carries the device, versions, date and commit, so that rows of several runs
-    can be pooled and still tell where they came from (Liger-Kernel's benchmark rows do the same)."""
-    stamp = {k: env.get(k) for k in ROW_ENV}
-    doc = {"schema": SCHEMA, "env": env, "copy_bandwidth": copy_bw, "argv": list(argv), "elapsed_s": elapsed_s,
-           "rows": [{**r, **stamp} for r in rows]}
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-
-
-def load(path) -> dict:
-    doc = json.loads(Path(path).read_text())
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: results schema {doc.get('schema')!r}, expected {SCHEMA}")
-    return doc
-
-
 # ---- markdown ---------------------------------------------------------------------------------------------------------
 
 def _f(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def env_lines(doc: dict) -> List[str]:
-    e, bw = doc["env"], doc.get("copy_bandwidth") or {}
+def env_lines(run: dict, elapsed_s: Optional[float] = None) -> List[str]:
+    """A run's record as markdown: device, versions, commit, date, command, copy bandwidth."""
+    e, bw = run["env"], run.get("copy_bandwidth") or {}
     build = e.get("fcn_fast_build") or {}
+    took = "stopped before its end" if elapsed_s is None else f"took {elapsed_s:.0f} s"
     return [
         f"- device: **{e['device_name']}** ({e['device_type']}"
-        + (f", {e['cpu_threads']} threads of {e['cpu_count']} CPUs" if e["device_type"] == "cpu" else
+        + (f", {e['cpu_threads']} thread{'s' if e['cpu_threads'] != 1 else ''} of {e['cpu_count']} CPUs" if e["device_type"] == "cpu" else
            f", {e.get('gpu_sms')} SMs, capability {e.get('gpu_capability')}") + ")",
         f"- CPU: {e['cpu_model']}; torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, Python {e['python']}",
         f"- fcn_fast {e['fcn_fast']} at commit `{(e.get('git_commit') or '?')[:12]}`"
         + (" (uncommitted changes)" if e.get("git_dirty") else "")
         + f"; usable backends: {', '.join(k for k, v in e['backends'].items() if v['available'])}"
         + (f"; build {json.dumps(build)}" if build else ""),
-        f"- date: {e['date_utc']}; run took {doc['elapsed_s']:.0f} s; command: `{' '.join(doc['argv']) or '(defaults)'}`",
+        f"- date: {e['date_utc']}; run {took}; command: `{' '.join(run['argv']) or '(defaults)'}`",
         f"- measured copy bandwidth: **{_f(bw.get('gbps'), '.1f')} GB/s** (read + write of "
         f"{_f((bw.get('bytes') or 0) / 2**20 / 2, '.0f')} MiB)",
     ]
 
 
-def summary(doc: dict) -> List[str]:
+def _runs_lines(results, rows: Sequence[dict]) -> List[str]:
+    ids = list(dict.fromkeys(r["run"] for r in rows))
+    out: List[str] = []
+    for rid in ids:
+        out += ([f"Run `{rid}` ({sum(r['run'] == rid for r in rows)} rows):", ""] if len(ids) > 1 else
+                [f"Run `{rid}`:", ""])
+        out += env_lines(results.runs[rid], results.elapsed.get(rid)) + [""]
+    return out
+
+
+def summary(rows: Sequence[dict]) -> List[str]:
     """One line per (op, case, dtype, mode): the fastest fcn_fast backend against eager and compile, time and memory."""
     groups: Dict[tuple, Dict[str, dict]] = {}
-    for r in doc["rows"]:
+    for r in rows:
         if r["status"] == "ok":
             groups.setdefault((r["op"], r["case"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     lines = ["| op | case | dtype | mode | fcn_fast ms | eager ms | compile ms | × eager | × compile "
@@ -147,31 +135,38 @@ def summary(doc: dict) -> List[str]:
     return lines
 
 
-def markdown(doc: dict) -> str:
-    rows, bw = doc["rows"], (doc.get("copy_bandwidth") or {}).get("gbps")
-    out = [f"# fcn_fast benchmark: {doc['env']['device_name']}", ""] + env_lines(doc) + [
-        "",
-        "Median time of one call (20th–80th percentile), speed-up over the eager PyTorch composition and over its "
-        "torch.compile in the same run, achieved GB/s (the fewest bytes the op must move over the median time; "
-        "formulas in the JSON and the README's Benchmarks section), that as % of the measured copy bandwidth, and the peak "
-        "memory the call allocates above its inputs. Every provider passed the correctness check against the "
-        "float64 eager result before it was timed; failed or skipped providers are listed with the reason.", "",
-        "## Summary: the fastest fcn_fast backend", ""] + summary(doc) + [""]
+def markdown(results, rows: Sequence[dict], name: str) -> str:
+    """A set's report (or any selection of rows): the runs they come from, a summary, every row per op."""
+    ids = list(dict.fromkeys(r["run"] for r in rows))
+    several = len(ids) > 1
+    device = results.runs[ids[0]]["env"]["device_name"] if ids else "?"
+    out = [f"# fcn_fast benchmark: {name} ({device})", "",
+           "Generated from `runs.jsonl` by `fcn-fast bench report`: per case, the latest run that measured it. "
+           "Median time of one call (20th–80th percentile), speed-up over the eager PyTorch composition and over its "
+           "torch.compile in the same run, achieved GB/s (the fewest bytes the op must move over the median time; "
+           "formulas in docs/benchmarks.md, each row's in the data file), that as % of the measured copy bandwidth, "
+           "and the peak memory the call allocates above its inputs. Every provider passed the correctness check "
+           "against the float64 eager result before it was timed; failed or skipped providers are listed with the "
+           "reason.", ""] + _runs_lines(results, rows) + [
+           "## Summary: the fastest fcn_fast backend", ""] + summary(rows) + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
-        model = op == "fcn8s"
+        model = is_model(op)
         out += [f"## {op}", ""]
         if any(r["status"] == "ok" for r in mine):
             out += ["| case | dtype | mode | provider | median ms [p20–p80] | × eager | × compile | "
-                    + ("images/s" if model else "GB/s | % copy") + " | peak MiB | note |",
-                    "|---|---|---|---|---|---|---|" + ("---|" if model else "---|---|") + "---|---|"]
+                    + ("images/s" if model else "GB/s | % copy") + " | peak MiB | note |" + (" run |" if several else ""),
+                    "|---|---|---|---|---|---|---|" + ("---|" if model else "---|---|") + "---|---|"
+                    + ("---|" if several else "")]
         for r in (r for r in mine if r["status"] == "ok"):
+            bw = (results.runs[r["run"]].get("copy_bandwidth") or {}).get("gbps")
             thr = _f(r.get("images_per_s"), ".2f") if model else (
                 f"{_f(r.get('gbps'), '.1f')} | {_f(100 * r['gbps'] / bw if r.get('gbps') and bw else None, '.0f')}")
             out.append(f"| {r['case']} | {r['dtype']} | {r['mode']} | {r['provider']} "
                        f"| {r['median_ms']:.3f} [{r['p20_ms']:.3f}–{r['p80_ms']:.3f}] "
                        f"| {_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('speedup_vs_compile'), '.2f')} "
-                       f"| {thr} | {r['peak_bytes'] / 2**20:.1f} | {r.get('note') or ''} |")
+                       f"| {thr} | {r['peak_bytes'] / 2**20:.1f} | {r.get('note') or ''} |"
+                       + (f" `{r['run']}` |" if several else ""))
         missing: Dict[Tuple[str, str], List[str]] = {}
         for r in mine:
             if r["status"] != "ok":
@@ -185,76 +180,98 @@ def markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
-# ---- plots --------------------------------------------------------------------------------------------------------------
+# ---- charts -------------------------------------------------------------------------------------------------------------
 
-def plot(doc: dict, stem: Path) -> List[Path]:
-    """One PNG per op: speed-up over eager per case and mode, one bar per provider (log scale; 1 = eager)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def chart(rows: Sequence[dict], title: str, path: Path) -> Path:
+    """One PNG: a panel per op, the speed-up over eager per case and mode, one bar per provider, drawn from the 1×
+    line (eager) up or down, on a log scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     import matplotlib.ticker
 
-    written = []
-    ok = [r for r in doc["rows"] if r["status"] == "ok" and r.get("speedup_vs_eager")]
-    for op in dict.fromkeys(r["op"] for r in ok):
+    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_eager") and r["provider"] != "eager"]
+    ops = list(dict.fromkeys(r["op"] for r in ok))
+    if not ops:
+        raise ValueError(f"{title}: no measured rows to chart")
+
+    def group(r):
+        return f"{r['case'].replace(' ', chr(10))}\n{r['dtype']} {r['mode']}"
+
+    panels = []
+    for op in ops:
         mine = [r for r in ok if r["op"] == op]
-        groups = list(dict.fromkeys(f"{r['case']}\n{r['dtype']} {r['mode']}" for r in mine))
+        groups = list(dict.fromkeys(group(r) for r in mine))
         providers = list(dict.fromkeys(r["provider"] for r in mine))
-        value = {(f"{r['case']}\n{r['dtype']} {r['mode']}", r["provider"]): r["speedup_vs_eager"] for r in mine}
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(providers)) / 2), 4.5))
+        panels.append((op, groups, providers, {(group(r), r["provider"]): r["speedup_vs_eager"] for r in mine}))
+    widest = max(len(g) * max(1, len(p)) for _, g, p, _ in panels)
+    fig = Figure(figsize=(max(8.0, 0.5 * widest + 2), 3.4 * len(panels) + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
+    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p for _, _, ps, _ in panels for p in ps))}
+    for i, (op, groups, providers, value) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
         width = 0.8 / max(1, len(providers))
-        for i, p in enumerate(providers):
-            xs = [g + (i - (len(providers) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, [value.get((g, p), 0) for g in groups], width, label=p)
+        for j, p in enumerate(providers):
+            drawn = [(g, value[(name, p)]) for g, name in enumerate(groups) if (name, p) in value]
+            xs = [g + (j - (len(providers) - 1) / 2) * width for g, _ in drawn]
+            ax.bar(xs, [v - 1 for _, v in drawn], width, bottom=1, color=colours[p], label=p)
+            for x, (_, v) in zip(xs, drawn):
+                ax.text(x, v, f"{v:.3g}×", ha="center", va="bottom" if v >= 1 else "top", fontsize=6)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
+        values = list(value.values())
+        # At least 0.5×-2×, so that a panel of small differences does not look like one of large ones.
+        ax.set_ylim(min(0.5, min(values) / 1.5), max(2.0, max(values) * 1.5))
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(times)
-        ax.yaxis.set_minor_formatter(times)
-        ax.tick_params(axis="y", which="minor", labelsize=6)
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speed-up over eager PyTorch (×)")
-        ax.set_title(f"{op} on {doc['env']['device_name']}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = stem.parent / f"{stem.name}_{op}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def write_all(doc: dict, stem: Path, plots: bool = True) -> List[Path]:
-    md = stem.with_suffix(".md")
-    md.write_text(markdown(doc) + "\n")
-    return [md] + (plot(doc, stem) if plots else [])
+        ax.set_xticklabels(groups, fontsize=7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel("× eager PyTorch")
+        ax.set_title(op, fontsize=10, loc="left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{title}: speed-up over eager PyTorch (the 1× line; higher is faster)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
 
 
 # ---- compare ------------------------------------------------------------------------------------------------------------
 
-def compare(a: dict, b: dict, names: Tuple[str, str] = ("A", "B")) -> str:
-    """Two results side by side: every (op, case, dtype, mode, provider) measured in both, with B's speed-up over A."""
-    def key(r):
-        return r["op"], r["case"], r["dtype"], r["mode"], r["provider"]
+def compare(results, a: Sequence[dict], b: Sequence[dict], names: Tuple[str, str] = ("A", "B")) -> str:
+    """Two selections side by side: every (op, case, dtype, mode, provider) measured in both, with B's speed-up
+    over A."""
+    from fcn_fast.bench.results import row_key
 
-    rows_b = {key(r): r for r in b["rows"] if r["status"] == "ok"}
-    out = [f"# fcn_fast benchmark comparison: {names[0]} vs {names[1]}", "", f"**{names[0]}**", ""] + env_lines(a) + [
-        "", f"**{names[1]}**", ""] + env_lines(b) + [
-        "", f"| op | case | dtype | mode | provider | {names[0]} ms | {names[1]} ms | {names[0]}/{names[1]} "
-            f"| {names[0]} × eager | {names[1]} × eager | {names[0]} peak MiB | {names[1]} peak MiB |",
+    rows_b = {row_key(r): r for r in b if r["status"] == "ok"}
+    out = [f"# fcn_fast benchmark comparison: {names[0]} vs {names[1]}", "",
+           f"Generated from `runs.jsonl` by `fcn-fast bench compare {names[0]} {names[1]}`.", "",
+           f"**{names[0]}**", ""] + _runs_lines(results, a) + [f"**{names[1]}**", ""] + _runs_lines(results, b) + [
+        f"| op | case | dtype | mode | provider | {names[0]} ms | {names[1]} ms | {names[0]}/{names[1]} "
+        f"| {names[0]} × eager | {names[1]} × eager | {names[0]} peak MiB | {names[1]} peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shared = 0
-    for ra in a["rows"]:
-        rb = rows_b.get(key(ra))
+    for ra in a:
+        rb = rows_b.get(row_key(ra))
         if ra["status"] != "ok" or rb is None:
             continue
         shared += 1
-        out.append("| " + " | ".join(str(x) for x in key(ra)) + f" | {ra['median_ms']:.3f} | {rb['median_ms']:.3f} "
+        out.append("| " + " | ".join(str(x) for x in row_key(ra)) + f" | {ra['median_ms']:.3f} | {rb['median_ms']:.3f} "
                    f"| {ra['median_ms'] / rb['median_ms']:.2f} | {_f(ra.get('speedup_vs_eager'), '.2f')} "
                    f"| {_f(rb.get('speedup_vs_eager'), '.2f')} | {ra['peak_bytes'] / 2**20:.1f} "
                    f"| {rb['peak_bytes'] / 2**20:.1f} |")
     if not shared:
-        out.append("| (no case was measured in both runs) | | | | | | | | | | | |")
+        out.append("| (no case was measured in both) | | | | | | | | | | | |")
     return "\n".join(out) + "\n"
+
+
+def write_report(results, set_name: str, folder: Path, plots: bool = True) -> List[Path]:
+    """A set's current report, <folder>/<set>.md, and with plots its chart <set>.png."""
+    rows = results.current(set_name)
+    md = Path(folder) / f"{set_name}.md"
+    md.write_text(markdown(results, rows, set_name) + "\n")
+    return [md] + ([chart(rows, set_name, md.with_suffix(".png"))] if plots else [])

@@ -135,7 +135,7 @@ class Suite:
             return
         torch._dynamo.reset()  # a fresh compile cache per group: no recompile limit, no dynamic-shape fallback
         dtype = DTYPES[case.dtype]
-        if case.op == "fcn8s":
+        if op.model:
             dtype = torch.float32
         gen = torch.Generator().manual_seed(1234)
         inputs = op.inputs(case.shape, dtype, device, gen)
@@ -153,7 +153,7 @@ class Suite:
             try:
                 provider = _build(op, case, name, device, dtype, eager)
                 verdicts = [measure.compare(_outputs(op, provider, kind, inputs, frozen, seed=7), golds[kind],
-                                            case.dtype, labels=kind == "infer" and case.op in ("upsample_argmax", "fcn8s"))
+                                            case.dtype, labels=kind == "infer" and (op.model or case.op == "upsample_argmax"))
                             for kind in kinds]
                 measure.synchronize(device)
                 check = max(verdicts, key=lambda v: (not v["ok"], v.get("error") if isinstance(v.get("error"), float) else 0))
@@ -191,7 +191,7 @@ class Suite:
                 row = self._row(case, mode, name, status="ok", **timing, peak_bytes=peak, check=checks[name],
                                 bytes=nbytes, bytes_formula=op.bytes_formula.get(mode),
                                 gbps=(nbytes / seconds / 1e9) if nbytes else None,
-                                images_per_s=(case.shape.n / seconds) if case.op == "fcn8s" else None,
+                                images_per_s=(case.shape.n / seconds) if op.model else None,
                                 compile_s=provider.compile_s)
                 self.log(f"  {mode:9s} {name:24s} {timing['median_ms']:10.3f} ms  "
                          f"[{timing['p20_ms']:.3f}-{timing['p80_ms']:.3f}]  peak {peak / 2**20:8.1f} MiB"
@@ -202,7 +202,7 @@ class Suite:
 
     def _golds(self, op: OpBench, case: Case, eager: Provider, kinds, inputs, frozen) -> Dict[str, list]:
         """The eager composition in float64 (the model: in float32, its training precision) on the same inputs."""
-        if case.op == "fcn8s":
+        if op.model:
             return {kind: [t.detach() for t in _outputs(op, eager, kind, inputs, frozen, seed=7)] for kind in kinds}
         gold_inputs = _float64(inputs)
         gold = op.eager(case.shape, self.device, torch.float64)

@@ -126,7 +126,7 @@ class FCN(nn.Module):
         dtype = self.input_conv.weight.dtype
         if x.dtype != dtype:
             raise TypeError(f"{self.arch}: x must have the model's dtype {dtype}, got {describe(x)}")
-        return int(x.shape[2]), int(x.shape[3])
+        return x.shape[2], x.shape[3]
 
     @property
     def input_conv(self) -> nn.Conv2d:
@@ -158,7 +158,7 @@ class FCN(nn.Module):
         deconvolution plus ``skip`` cropped at ``skip_offset``; same geometry (``layer`` None): bilinear
         interpolation to the skip's size."""
         if layer is None:
-            size = (int(skip.shape[2]), int(skip.shape[3]))
+            size = (skip.shape[2], skip.shape[3])
             if self.fused:
                 return upsample_add(score, skip, factor=2, mode="interp", out_size=size)
             return F.interpolate(score, size=size, mode="bilinear", align_corners=False) + skip

@@ -3,12 +3,14 @@ reduction, smoothing) and the reduction of per-pixel losses, with F.cross_entrop
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from fcn_fast import _extension
-from fcn_fast._validation import INT_DTYPES, check_int, check_tensor, describe
+from fcn_fast._validation import INT_DTYPES, check_float, check_int, check_tensor, describe
+from fcn_fast.ops import _eager
+from fcn_fast.ops._dispatch import acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -64,8 +66,7 @@ def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight
     check_int(op, "ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    check_float(op, "label_smoothing", label_smoothing, minimum=0, maximum=1)
     num_classes = logits.shape[1]
     if weight is None:
         return None
@@ -75,32 +76,71 @@ def check_ce_options(op: str, logits: torch.Tensor, target: torch.Tensor, weight
     if weight.device != logits.device:
         raise ValueError(f"{op}: weight must be on the logits' device, got weight: {describe(weight)}; "
                          f"logits: {describe(logits)}")
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return weight.to(acc).contiguous()
+    return weight.to(acc_dtype(logits.dtype)).contiguous()
+
+
+def stats_shape(pixel_shape) -> Tuple[int, ...]:
+    """Shape of the softmax statistics a forward saves for backward (kernels/include/fcn_fast/softmax_ce.h): two
+    planes of ``pixel_shape``, each pixel's largest logit m and log sum_c exp(z_c - m)."""
+    return (2, *pixel_shape)
+
+
+def softmax_stats(z: torch.Tensor) -> torch.Tensor:
+    """The softmax statistics of logits z (N, C, ...) in plain PyTorch: (max over dim 1, log sum exp(z - max))."""
+    m = z.amax(1)
+    return torch.stack([m, torch.logsumexp(z - m.unsqueeze(1), 1)])
+
+
+# torch.sum splits a reduction of more than 32768 elements (ATen's GRAIN_SIZE) over the threads, so its result
+# depends on their number; a reduction over the last dim of a 2-D tensor goes row by row, one thread per row.
+_FIXED_ORDER_CHUNK = 16384
+
+
+def sum_in_fixed_order(values: torch.Tensor) -> torch.Tensor:
+    """values.sum(), the same bits for any number of CPU threads: chunks of 16384 elements summed row-wise, then
+    their sums, until one chunk is left (other devices: torch.sum, whose order does not depend on the CPU threads)."""
+    values = values.reshape(-1)
+    if values.device.type != "cpu":
+        return values.sum()
+    while values.numel() > _FIXED_ORDER_CHUNK:
+        rows = values.numel() // _FIXED_ORDER_CHUNK
+        head = values[:rows * _FIXED_ORDER_CHUNK].view(rows, _FIXED_ORDER_CHUNK).sum(1)
+        values = torch.cat([head, values[rows * _FIXED_ORDER_CHUNK:].sum().reshape(1)])
+    return values.sum()
+
+
+def mean(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """total / denominator, NaN when the denominator is 0 as in PyTorch: its "mean" cross-entropy is the weighted
+    NLL mean (0 / 0 then) plus the smoothing term, so a smoothing term does not make it +-inf."""
+    return (total / denominator).masked_fill(denominator == 0, float("nan"))
 
 
 def reduce_pixel_losses(loss: torch.Tensor, denom_weight: torch.Tensor, reduction: str) -> torch.Tensor:
-    """F.cross_entropy's reductions of per-pixel losses: "mean" divides by the summed class weights of the pixels
-    that are not ignored (their count without weights), so an all-ignored mean is 0/0 = NaN, as in PyTorch."""
+    """F.cross_entropy's reductions of per-pixel losses (or of partial sums of them): "mean" divides by the summed
+    class weights of the pixels that are not ignored (their count without weights), so an all-ignored mean is
+    NaN, as in PyTorch. Sums are bitwise independent of the CPU thread count."""
     if reduction == "none":
         return loss
-    total = loss.sum()
+    total = sum_in_fixed_order(loss)
     if reduction == "sum":
         return total
-    return total / denom_weight.sum()
+    return mean(total, sum_in_fixed_order(denom_weight))
 
 
-def make_loss_backward(backward_op, handed_on=lambda ctx: ()):
+def make_loss_backward(op: str, backward_op, handed_on=lambda ctx: ()):
     """The autograd backward of a fused loss whose setup_context saved (input, target, weight, lse, denom) and set
     ``ctx.args`` (the backward op's arguments after those tensors) and ``ctx.num_args`` (how many inputs the forward
     took). ``backward_op`` is the custom backward op (the registered autograd) or its implementation (the eager
     Function, fcn_fast/ops/_eager.py). ``handed_on(ctx)`` gives tensors kept on ctx apart from the saved ones, passed
-    after them."""
+    after them. A gradient taken with create_graph=True raises, naming ``op``, when differentiated."""
 
     def backward(ctx, grad, *_grads_of_saved_outputs):
         grad_input = None
         if ctx.needs_input_grad[0] and grad is not None:  # None: set_materialize_grads(False) and no loss gradient
-            grad_input = backward_op(grad, *ctx.saved_tensors, *handed_on(ctx), *ctx.args)
+            saved = ctx.saved_tensors
+            grad_input = backward_op(grad, *saved, *handed_on(ctx), *ctx.args)
+            if torch.is_grad_enabled():  # create_graph=True
+                grad_input, = _eager.forbid_double_backward(op, (grad_input,), (grad, saved[0]))
         return grad_input, *([None] * (ctx.num_args - 1))
 
     return backward

@@ -15,6 +15,8 @@ from typing import Tuple
 
 import torch
 
+from fcn_fast._validation import check_bool, check_int, check_pair
+
 MODES = ("deconv", "interp")
 
 
@@ -74,16 +76,28 @@ def _deconv_taps(in_size: int, out_size: int, factor: int, offset: int):
     has0 = (i0 >= 0) & (k0 < ksize)
     w1 = torch.where(has1, filt[k1.clamp(max=ksize - 1)], torch.zeros(()))
     w0 = torch.where(has0, filt[k0.clamp(max=ksize - 1)], torch.zeros(()))
-    # A missing tap repeats the other position with weight 0, so every index stays in bounds.
+    # A missing tap repeats the other position (every index stays in bounds) and the two share its weight, halved:
+    # w/2 * x + w/2 * x is w * x bit for bit (halving is exact) and never multiplies x by 0. A weight-0 repeat would
+    # turn an infinite input into NaN (0 * inf), where conv_transpose2d reads only the taps that exist. (Every
+    # output has at least one tap.)
     i1 = torch.where(has1, i1, i0)
     i0 = torch.where(has0, i0, i1)
-    return torch.stack([i0, i1], 1), torch.stack([w0, w1], 1)
+    lone = has0 != has1
+    w = torch.where(lone, (w0 + w1) / 2, 0)
+    return torch.stack([i0, i1], 1), torch.stack([torch.where(lone, w, w0), torch.where(lone, w, w1)], 1)
 
 
 def _interp_taps(in_size: int, out_size: int, align_corners: bool, double: bool):
     """PyTorch's upsample_bilinear2d source index (area_pixel_compute_source_index), in its arithmetic: float32
-    for float/half/bfloat16 inputs, float64 for float64."""
+    for float/half/bfloat16 inputs, float64 for float64. The taps are the ones PyTorch reads, weight-0 ones
+    included (compute_source_index_and_lambda): the values interpolate the same, and an infinite input turns into
+    NaN (0 * inf) at the same outputs. An axis whose size does not change reads its own position twice, weights 1 and
+    0, as PyTorch's CPU kernel does (so inf becomes NaN there too; CUDA's upsample_bilinear2d copies such a tensor
+    instead, inf included)."""
     dt = torch.float64 if double else torch.float32
+    if in_size == out_size:
+        o = torch.arange(out_size, dtype=torch.int64)
+        return torch.stack([o, o], 1), torch.stack([torch.ones(out_size), torch.zeros(out_size)], 1).double()
     o = torch.arange(out_size, dtype=dt)
     if align_corners:
         scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=dt)
@@ -98,16 +112,18 @@ def _interp_taps(in_size: int, out_size: int, align_corners: bool, double: bool)
     return torch.stack([i0, i1], 1), w
 
 
-def _readers(index: torch.Tensor, weight: torch.Tensor, in_size: int) -> torch.Tensor:
+def _readers(index: torch.Tensor, in_size: int) -> torch.Tensor:
+    """[start, stop) of the outputs that read each input. Every tap counts, weight 0 included: the gradient PyTorch's
+    upsample_bilinear2d gives adds 0 * grad there too (NaN for an infinite or NaN gradient), and the deconv tables
+    have no weight-0 taps (_deconv_taps)."""
     out_size = index.shape[0]
     o = torch.arange(out_size, dtype=torch.int64).repeat_interleave(2)
     flat = index.reshape(-1)
-    reads = weight.reshape(-1) != 0
-    start = torch.full((in_size,), out_size, dtype=torch.int64).scatter_reduce(0, flat[reads], o[reads], "amin")
-    stop = torch.zeros(in_size, dtype=torch.int64).scatter_reduce(0, flat[reads], o[reads] + 1, "amax")
+    start = torch.full((in_size,), out_size, dtype=torch.int64).scatter_reduce(0, flat, o, "amin")
+    stop = torch.zeros(in_size, dtype=torch.int64).scatter_reduce(0, flat, o + 1, "amax")
     stop = torch.maximum(stop, start)  # inputs nobody reads get an empty range
     # Contiguity (monotone taps) is what lets backward kernels gather over [start, stop); check it once here.
-    count = torch.zeros(in_size, dtype=torch.int64).index_add_(0, flat[reads], torch.ones_like(o[reads]))
+    count = torch.zeros(in_size, dtype=torch.int64).index_add_(0, flat, torch.ones_like(o))
     assert bool((count <= 2 * (stop - start)).all()), "tap tables are not monotone"
     return torch.stack([start, stop], 1)
 
@@ -126,13 +142,22 @@ def axis_taps(mode: str, in_size: int, out_size: int, factor: int, offset: int, 
         index, weight = _interp_taps(in_size, out_size, align_corners, double)
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    readers = _readers(index, weight, in_size)
+    readers = _readers(index, in_size)
     wdtype = torch.float64 if double else torch.float32
     return AxisTaps(
-        index=index.to(torch.int32).contiguous().to(device),
-        weight=weight.to(wdtype).contiguous().to(device),
-        readers=readers.to(torch.int32).contiguous().to(device),
+        index=_to_device(index.to(torch.int32).contiguous(), device),
+        weight=_to_device(weight.to(wdtype).contiguous(), device),
+        readers=_to_device(readers.to(torch.int32).contiguous(), device),
     )
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A table built on the host, on ``device``. To a GPU from pinned memory without waiting: a copy from pageable
+    memory makes the host wait for the device (a sync on the first call of every geometry, which also breaks CUDA
+    graph capture). The caching host allocator keeps the pinned buffer until the copy has run."""
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,35 @@ class Geometry:
     factor: int
     offset: Tuple[int, int]
     align_corners: bool
+
+    @classmethod
+    def checked(cls, op: str, x: torch.Tensor, factor, mode, out_size, offset, align_corners) -> "Geometry":
+        """The Geometry of upsampling x (..., h, w) as the public ops' arguments say, or a ValueError/TypeError
+        naming ``op`` and the argument."""
+        factor = check_int(op, "factor", factor, minimum=1)
+        if mode not in MODES:
+            raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+        # Sizes as they come: int() of a symbolic size would specialise a torch.export to the example's size.
+        h, w = x.shape[-2], x.shape[-1]
+        offset = check_pair(op, "offset", offset, minimum=0)
+        align_corners = check_bool(op, "align_corners", align_corners)
+        if mode == "deconv":
+            full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
+            if out_size is None:
+                out = (full[0] - offset[0], full[1] - offset[1])
+            else:
+                out = check_pair(op, "out_size", out_size, minimum=1)
+            if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
+                raise ValueError(
+                    f"{op}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
+                    f"(input {h}x{w}, factor {factor})")
+        else:
+            if offset != (0, 0):
+                raise ValueError(f"{op}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
+            out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
+        if mode == "deconv" and align_corners:
+            raise ValueError(f"{op}: align_corners applies to mode='interp' only")
+        return cls(mode, (h, w), (out[0], out[1]), factor, offset, align_corners)
 
     def taps(self, device: torch.device, dtype: torch.dtype) -> Tuple[AxisTaps, AxisTaps]:
         double = dtype == torch.float64

@@ -1,13 +1,14 @@
 """softmax_cross_entropy: per-pixel softmax cross-entropy over class-strided logits, with F.cross_entropy's semantics.
 
-Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
-fake kernel) live here; the kernels live in kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and
-fcn_fast/ops/triton_cross_entropy.py, the per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and
-fcn_fast/ops/triton_common.py.
+Public function, reference, validation, the backends' implementations (``KERNELS``, see _dispatch.py) and the
+torch.library registrations (custom op, autograd, fake kernel) live here; the kernels live in
+kernels/cpu/cross_entropy_cpu.cpp, kernels/cuda/cross_entropy_cuda.cu and fcn_fast/ops/triton_cross_entropy.py, the
+per-pixel math they share in kernels/include/fcn_fast/softmax_ce.h and fcn_fast/ops/triton_common.py.
 
 Every backend sees logits as (N, C, S) (S: the flattened spatial dims, 1 for (N, C) scores) and the target as (N, S),
-both views of the caller's tensors. The forward saves one float per pixel for backward, the log-sum-exp; backward
-recomputes the probabilities from it. On the CPU a reduced loss whose logits need a gradient also gets the gradient
+both views of the caller's tensors. The forward saves two floats per pixel for backward, the softmax statistics
+(each pixel's largest logit and log sum exp relative to it, kernels/include/fcn_fast/softmax_ce.h); backward
+recomputes the probabilities from them. On the CPU a reduced loss whose logits need a gradient also gets the gradient
 for ``loss.backward()`` (incoming gradient 1) in the forward's sweeps, one read and one exp per logit in all instead
 of two; backward hands it on when the incoming gradient is 1 and recomputes otherwise (README, "Softmax
 cross-entropy", has the measurements).
@@ -21,15 +22,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fcn_fast import _backends, _emulator
-from fcn_fast._validation import check_tensor, describe
+from fcn_fast import _backends
+from fcn_fast._validation import check_bool, check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
+from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 
 OP = "softmax_cross_entropy"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets) -> Optional[torch.Tensor]:
@@ -40,8 +38,7 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
                          f"target (N, d1, ...); got logits: {describe(logits)}; target: {describe(target)}")
     if logits.shape[1] == 0:
         raise ValueError(f"{OP}: logits must have at least one class, got {describe(logits)}")
-    if not isinstance(check_targets, bool):
-        raise TypeError(f"{OP}: check_targets must be a bool, got {check_targets!r}")
+    check_bool(OP, "check_targets", check_targets)
     return weight
 
 
@@ -56,7 +53,7 @@ def _flat(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, tor
 
 def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
     """Per-pixel (loss, denominator weight) of F.cross_entropy, computed in float32 (float64 for float64)."""
-    z = logits.to(_acc_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     valid = _ce_common.valid_labels(target, z.shape[1], ignore_index)
     safe_target = torch.where(valid, target, 0).long()  # labels the caller let through unchecked are ignored
     loss = F.cross_entropy(z, safe_target, weight=weight, reduction="none", label_smoothing=label_smoothing)
@@ -68,14 +65,13 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
     # Per-pixel values whatever per_pixel says: each is its own partial sum (the ground truth keeps the simplest form).
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
-    lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=1)
-    return loss, denom, lse
+    return loss, denom, _ce_common.softmax_stats(logits.to(acc_dtype(logits.dtype)))
 
 
 def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
     # The gradient in closed form (softmax_ce.h has the derivation): a custom op's body runs below autograd, so it
     # cannot differentiate F.cross_entropy itself.
-    z = logits.to(_acc_dtype(logits.dtype))
+    z = logits.to(acc_dtype(logits.dtype))
     num_classes = z.shape[1]
     valid = _ce_common.valid_labels(target, num_classes, ignore_index)
     safe_target = torch.where(valid, target, 0).long()
@@ -93,34 +89,64 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
 # forward(logits, target, weight, ignore_index, label_smoothing, per_pixel) -> (loss, denom_weight, lse), acc dtype:
-#   loss and denom_weight per pixel, or (per_pixel False, a reduced loss) partial sums of them of the backend's choosing
+#   loss and denom_weight per pixel, or (per_pixel False, a reduced loss) partial sums of them of the backend's
+#   choosing; lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and
+#   log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
+# With gradient_in_forward, a reduced loss takes reduced_forward and reduced_backward instead (see _Cpu).
 
-def _native_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True, ops=torch.ops.fcn_fast):
-    return ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, per_pixel)
-
-
-def _native_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing, ops=torch.ops.fcn_fast):
-    return ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
+class _Kernels(Kernels):
+    gradient_in_forward = False
 
 
-def _triton_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
-    # Per-pixel values whatever per_pixel says: each is its own partial sum.
-    from fcn_fast.ops import triton_cross_entropy
-
-    return triton_cross_entropy.forward(logits, target, weight, ignore_index, label_smoothing)
+class _Reference(_Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
 
 
-def _triton_backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
-    from fcn_fast.ops import triton_cross_entropy
+class _Native(_Kernels):
+    def forward(self, logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
+        return self.ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, per_pixel)
 
-    return triton_cross_entropy.backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing)
+    def backward(self, grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
+        return self.ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
+                                                   label_smoothing)
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
-            "cuda_emulated": _emulator.entry(_native_forward)}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward, "cuda_emulated": _emulator.entry(_native_backward)}
+class _Cpu(_Native):
+    """The CPU kernels sum a reduced loss in their sweeps (no per-pixel loss and weight buffers) and can write the
+    gradient for an incoming gradient of 1 in the same sweeps."""
+
+    gradient_in_forward = True
+
+    def reduced_forward(self, flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
+        """(loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
+
+        The "mean" denominator comes first, from one pass over the labels, because the gradient the kernel writes
+        already carries 1 / denominator. lse comes back empty: every backward of this loss runs the kernel again
+        (reduced_backward)."""
+        acc = acc_dtype(flat_logits.dtype)
+        denom_total = self.ops._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
+        # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
+        pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
+        loss_sums, lse, grad = self.ops._softmax_cross_entropy_fwd_sums(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
+        loss = _ce_common.sum_in_fixed_order(loss_sums)
+        return (_ce_common.mean(loss, denom_total) if reduction == "mean" else loss), lse, denom_total, grad
+
+    def reduced_backward(self, pixel_grad, flat_logits, flat_target, weight, ignore_index, label_smoothing):
+        """The gradient for any incoming gradient (``pixel_grad``: every pixel's share of it), from the forward's
+        sweeps: one formula for every CPU gradient of a reduced loss, so backward is reentrant bitwise."""
+        _, _, grad_logits = self.ops._softmax_cross_entropy_fwd_sums(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, float(pixel_grad))
+        return grad_logits
+
+
+class _Triton(_Kernels):
+    module = "fcn_fast.ops.triton_cross_entropy"
+
+
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Cpu, cuda=_Native, triton=_Triton)
 
 
 def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -128,32 +154,20 @@ def _pixel_grad(loss_grad: torch.Tensor, denom_total: torch.Tensor, reduction: s
     return loss_grad / denom_total if reduction == "mean" else loss_grad
 
 
-def _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction, need_grad):
-    """A reduced loss on the CPU: (loss, lse, denominator, gradient for an incoming gradient of 1, or empty).
-
-    The kernel returns partial sums, not per-pixel loss and weight buffers; the "mean" denominator comes first, from
-    one pass over the labels, because the gradient it writes already carries 1 / denominator."""
-    acc = _acc_dtype(flat_logits.dtype)
-    denom_total = torch.ops.fcn_fast._ce_denominator(flat_target, weight, flat_logits.shape[1], ignore_index).to(acc)
-    # The gradient of every pixel's loss for a loss gradient of 1, as _backward computes it for any other.
-    pixel_grad = float(_pixel_grad(torch.ones((), dtype=acc), denom_total, reduction)) if need_grad else None
-    loss_sums, lse, grad = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
-        flat_logits, flat_target, weight, ignore_index, label_smoothing, pixel_grad)
-    loss = loss_sums.sum()
-    return (loss / denom_total if reduction == "mean" else loss), lse, denom_total, grad
-
-
 # ---- torch.library registration ----------------------------------------------------------------------------------
-# Outputs: the loss (what the public function returns), then for backward only: the per-pixel log-sum-exp, the
-# "mean" denominator and the CPU's gradient from the forward (empty on the other backends and where none is needed).
+# Outputs: the loss (what the public function returns), then for backward only: the softmax statistics (empty for a
+# reduced CPU loss, whose backward runs the forward kernel again), the "mean" denominator and the CPU's gradient from
+# the forward (empty on the other backends and where none is needed).
 
-def _output_shapes(logits, target, reduction):
+def _output_shapes(logits, target, reduction, backend):
     loss_shape = target.shape if reduction == "none" else ()
-    return loss_shape, (logits.shape[0], math.prod(logits.shape[2:]))
+    if KERNELS[backend].gradient_in_forward and reduction != "none":
+        return loss_shape, (0,)
+    return loss_shape, _ce_common.stats_shape((logits.shape[0], math.prod(logits.shape[2:])))
 
 
 def _gradient_in_forward(logits: torch.Tensor, reduction: str, need_grad: bool, backend: str) -> bool:
-    return need_grad and reduction != "none" and backend == "cpu" and logits.numel() > 0
+    return need_grad and reduction != "none" and KERNELS[backend].gradient_in_forward and logits.numel() > 0
 
 
 def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
@@ -165,14 +179,15 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
     if check_targets:  # here, not in the public function: it reads label values, which torch.compile cannot trace
         _ce_common.check_targets(OP, target, logits.shape[1], ignore_index)
     flat_logits, flat_target = _flat(logits, target)
-    if backend == "cpu" and reduction != "none":
-        out, lse, denom_total, grad = _cpu_reduced_forward(flat_logits, flat_target, weight, ignore_index,
-                                                           label_smoothing, reduction,
-                                                           _gradient_in_forward(logits, reduction, need_grad, backend))
+    kernels = KERNELS[backend]
+    if kernels.gradient_in_forward and reduction != "none":
+        out, lse, denom_total, grad = kernels.reduced_forward(
+            flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction,
+            _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
-    loss, denom, lse = _FORWARD[backend](flat_logits, flat_target, weight, ignore_index, label_smoothing,
-                                         reduction == "none")
-    denom_total = denom.sum()
+    loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing,
+                                       reduction == "none")
+    denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out
     return out.to(logits.dtype), lse, denom_total, logits.new_empty(0)
@@ -184,11 +199,14 @@ _softmax_cross_entropy_op = torch.library.custom_op("fcn_fast::softmax_cross_ent
 
 @_softmax_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets, need_grad, backend):
-    loss_shape, pixels = _output_shapes(logits, target, reduction)
-    acc = _acc_dtype(logits.dtype)
+    loss_shape, stats = _output_shapes(logits, target, reduction, backend)
+    acc = acc_dtype(logits.dtype)
     grad = (torch.empty_like(logits) if _gradient_in_forward(logits, reduction, need_grad, backend)
             else logits.new_empty(0))
-    return logits.new_empty(loss_shape), logits.new_empty(pixels, dtype=acc), logits.new_empty((), dtype=acc), grad
+    return logits.new_empty(loss_shape), logits.new_empty(stats, dtype=acc), logits.new_empty((), dtype=acc), grad
+
+
+_eager.register_per_sample_vmap(_softmax_cross_entropy_op)
 
 
 def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
@@ -198,18 +216,19 @@ def _backward(grad, logits, target, weight, lse, denom_total, forward_grad, igno
         return torch.zeros_like(logits)
     grad = grad.to(lse.dtype)
     pixel_grad = _pixel_grad(grad, denom_total, reduction)
-    if backend == "cpu" and reduction != "none":
+    kernels = KERNELS[backend]
+    if kernels.gradient_in_forward and reduction != "none":
         # The forward's gradient is the one for an incoming gradient of exactly 1 (loss.backward()). Any other (a
-        # scaled loss, a sum of losses, a retained graph's second backward) runs the same sweeps again with its own
-        # pixel gradient rather than the lse-based backward kernel: one formula, so backward is reentrant bitwise.
+        # scaled loss, a sum of losses, a retained graph's second backward) runs the forward's sweeps again with its
+        # own pixel gradient rather than the lse-based backward kernel.
         if forward_grad.numel() and bool(grad == 1):
             return forward_grad.clone() if copy_forward_grad else forward_grad
-        _, _, grad_logits = torch.ops.fcn_fast._softmax_cross_entropy_fwd_sums(
-            flat_logits, flat_target, weight, ignore_index, label_smoothing, float(pixel_grad))
+        grad_logits = kernels.reduced_backward(pixel_grad, flat_logits, flat_target, weight, ignore_index,
+                                               label_smoothing)
         return grad_logits.reshape(logits.shape)
     # Every pixel's loss of a reduced loss enters with the same factor: an expanded scalar, never materialized.
     grad_pixels = grad.reshape(flat_target.shape) if reduction == "none" else pixel_grad.expand(flat_target.shape)
-    grad_logits = _BACKWARD[backend](grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
+    grad_logits = kernels.backward(grad_pixels, flat_logits, flat_target, lse, weight, ignore_index, label_smoothing)
     return grad_logits.reshape(logits.shape)
 
 
@@ -230,6 +249,9 @@ _softmax_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::softmax_
 def _(grad, logits, target, weight, lse, denom_total, forward_grad, ignore_index, reduction, label_smoothing,
       backend):
     return torch.empty_like(logits)
+
+
+_eager.register_per_sample_vmap(_softmax_cross_entropy_backward_op)
 
 
 def _setup_context(ctx, inputs, output, *, keep_forward_grad_apart=False):
@@ -264,11 +286,14 @@ def _eager_backward_impl(*args):
 
 
 _NO_FORWARD_GRAD = torch.empty(0)
-_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_softmax_cross_entropy_backward_op),
+_softmax_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op),
                                             setup_context=_setup_context)
 _SoftmaxCrossEntropyFunction = _eager.autograd_function(
     "_SoftmaxCrossEntropyFunction", _softmax_cross_entropy_impl, _eager_setup_context,
-    _ce_common.make_loss_backward(_eager_backward_impl, handed_on=_take_forward_grad))
+    _ce_common.make_loss_backward(OP, _eager_backward_impl, handed_on=_take_forward_grad))
+_SoftmaxCrossEntropyTransformFunction = _eager.transform_function(
+    "_SoftmaxCrossEntropyTransformFunction", OP, _softmax_cross_entropy_op, _setup_context,
+    _ce_common.make_loss_backward(OP, _softmax_cross_entropy_backward_op))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -294,12 +319,15 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, weight:
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        The loss in logits' dtype: a scalar, or Tensor[N, d1, ...] for ``reduction="none"``. Differentiable with
-        respect to logits.
+        The loss in logits' dtype (float32 inside autocast, as ``F.cross_entropy``): a scalar, or Tensor[N, d1, ...]
+        for ``reduction="none"``. Differentiable with respect to logits (torch.func.grad and vmap too; not twice:
+        docs/backends.md).
     """
     weight = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, check_targets)
+    logits = _eager.autocast_float32(logits)
     name = _backends.resolve_backend(backend, logits.device, OP)
-    run = _SoftmaxCrossEntropyFunction.apply if _eager.takes_eager_path(logits, target, weight) else _softmax_cross_entropy_op
+    run = _eager.runner(_SoftmaxCrossEntropyFunction.apply, _SoftmaxCrossEntropyTransformFunction.apply,
+                        _softmax_cross_entropy_op, logits, target, weight)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _, _, _ = run(logits, target, weight, int(ignore_index), reduction, float(label_smoothing), check_targets,
                         need_grad, name)

@@ -1,4 +1,4 @@
-"""softmax_cross_entropy in Triton: forward (per-pixel loss, denominator weight, log-sum-exp) and backward.
+"""softmax_cross_entropy in Triton: forward (per-pixel loss, denominator weight, softmax statistics) and backward.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; tests only). A program owns BLOCK_P
 consecutive pixels of the flattened (N, S) grid and loads their logits as one [BLOCK_C, BLOCK_P] tile straight from
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad, on_tensor_device
+from fcn_fast.ops._dispatch import acc_dtype
+from fcn_fast.ops.triton_common import acc_type, ce_tile_forward, ce_tile_grad, device_scalar, on_tensor_device
 
 # A tile holds about this many logits: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
 TILE_ELEMENTS = 4096
@@ -56,14 +57,16 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, denom_ptr, lse
                     total, pixels, num_classes, stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
                     ignore_index, eps_ptr,
                     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """loss, denom, lse: contiguous (N, S) in ACC."""
+    """loss, denom: contiguous (N, S) in ACC; lse: the softmax statistics, contiguous (2, N, S) in ACC."""
     i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
         logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
         stride_ln, stride_lc, stride_ls, stride_tn, stride_ts, HAS_WEIGHT, ACC, BLOCK_C, BLOCK_P)
-    loss, denom, lse = ce_tile_forward(z, t, class_w, c, weight_sum, tl.load(eps_ptr), num_classes, ignore_index)
+    loss, denom, m, log_sum = ce_tile_forward(z, t, class_w, c, weight_sum, tl.load(eps_ptr), num_classes,
+                                              ignore_index)
     tl.store(loss_ptr + i, loss, mask=p_mask)
     tl.store(denom_ptr + i, denom, mask=p_mask)
-    tl.store(lse_ptr + i, lse, mask=p_mask)
+    tl.store(lse_ptr + i, m, mask=p_mask)
+    tl.store(lse_ptr + total + i, log_sum, mask=p_mask)
 
 
 @triton.jit
@@ -75,36 +78,31 @@ def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr,
     i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
         logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
         stride_ln, stride_lc, stride_ls, stride_tn, stride_ts, HAS_WEIGHT, ACC, BLOCK_C, BLOCK_P)
-    lse = tl.load(lse_ptr + i, mask=p_mask, other=0.0)
+    m = tl.load(lse_ptr + i, mask=p_mask, other=0.0)
+    log_sum = tl.load(lse_ptr + total + i, mask=p_mask, other=0.0)
     g = tl.load(grad_loss_ptr + n * stride_gn + p * stride_gs, mask=p_mask, other=0.0)
-    d = ce_tile_grad(z, t, lse, g, class_w, c, weight_sum, tl.load(eps_ptr), num_classes, ignore_index)
+    d = ce_tile_grad(z, t, m, log_sum, g, class_w, c, weight_sum, tl.load(eps_ptr), num_classes, ignore_index)
     offsets = (n * stride_dn + p * stride_ds)[None, :] + c.to(tl.int64)[:, None] * stride_dc
     tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=(c < num_classes)[:, None] & p_mask[None, :])
 
 
-def _acc(logits: torch.Tensor):
-    return tl.float64 if logits.dtype == torch.float64 else tl.float32
-
-
-def _smoothing(label_smoothing: float, like: torch.Tensor) -> torch.Tensor:
-    # A tensor, not a scalar argument: Triton passes Python floats as float32, too coarse for float64 logits.
-    return torch.full((1,), label_smoothing, dtype=like.dtype, device=like.device)
-
-
 @on_tensor_device
-def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
-    """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight, lse), contiguous (N, S) in the acc dtype."""
+def forward(logits, target, weight, ignore_index: int, label_smoothing: float, per_pixel: bool = True):
+    """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight), contiguous (N, S), and lse, the softmax
+    statistics (2, N, S), in the acc dtype. Per-pixel values whatever per_pixel says: each is its own partial sum."""
     n, num_classes, pixels = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss, denom, lse = (torch.empty((n, pixels), device=logits.device, dtype=acc) for _ in range(3))
+    acc = acc_dtype(logits.dtype)
+    loss, denom = (torch.empty((n, pixels), device=logits.device, dtype=acc) for _ in range(2))
+    lse = torch.empty((2, n, pixels), device=logits.device, dtype=acc)
     total = n * pixels
     if total == 0:
         return loss, denom, lse
     block_c, block_p = _blocks(num_classes)
     _forward_kernel[(triton.cdiv(total, block_p),)](
         logits, target, weight if weight is not None else lse, loss, denom, lse,
-        total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index, _smoothing(label_smoothing, lse),
-        HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+        total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index,
+        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None,
+        ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 
@@ -120,6 +118,6 @@ def backward(grad_pixels, logits, target, lse, weight, ignore_index: int, label_
     _backward_kernel[(triton.cdiv(total, block_p),)](
         logits, target, weight if weight is not None else lse, lse, grad_pixels, grad,
         total, pixels, num_classes, *logits.stride(), *target.stride(), *grad_pixels.stride(), *grad.stride(),
-        ignore_index, _smoothing(label_smoothing, lse),
-        HAS_WEIGHT=weight is not None, ACC=_acc(logits), BLOCK_C=block_c, BLOCK_P=block_p)
+        ignore_index, device_scalar(label_smoothing, lse.dtype, lse.device),
+        HAS_WEIGHT=weight is not None, ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     return grad

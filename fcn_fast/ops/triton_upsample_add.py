@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from fcn_fast.ops._resample import Geometry, axis_taps
-from fcn_fast.ops.triton_common import on_tensor_device
+from fcn_fast.ops._dispatch import acc_dtype
+from fcn_fast.ops.triton_common import (acc_type, adjoint_share, blend_taps, device_scalar, load_taps,
+                                        on_tensor_device, taps_naming)
 
 # Elements per program (tile of rows x columns): enough work per program to hide latency on a GPU, and few programs
 # for the interpreter, which runs them one after another.
@@ -47,14 +49,9 @@ def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, 
     plane = row // out_h
     oy = tl.where(row_ok, row - plane * out_h, 0)
 
-    y0 = tl.load(row_index + 2 * oy)
-    y1 = tl.load(row_index + 2 * oy + 1)
-    wy0 = tl.load(row_weight + 2 * oy)[:, None]
-    wy1 = tl.load(row_weight + 2 * oy + 1)[:, None]
-    x0 = tl.load(col_index + 2 * ox, mask=col_ok, other=0)[None, :]
-    x1 = tl.load(col_index + 2 * ox + 1, mask=col_ok, other=0)[None, :]
-    wx0 = tl.load(col_weight + 2 * ox, mask=col_ok, other=0.0)[None, :]
-    wx1 = tl.load(col_weight + 2 * ox + 1, mask=col_ok, other=0.0)[None, :]
+    y0, y1, wy0, wy1 = load_taps(row_index, row_weight, oy, row_ok)
+    x0, x1, wx0, wx1 = load_taps(col_index, col_weight, ox, col_ok)
+    x0, x1 = x0[None, :], x1[None, :]
 
     x_plane = plane.to(tl.int64) * in_h * in_w
     # Row offsets in int64 too: y0 * in_w in int32 wraps for an input plane of 2**31 elements or more (interp mode
@@ -65,8 +62,7 @@ def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, 
     v01 = tl.load(x_ptr + r0 + x1, mask=mask, other=0.0).to(ACC)
     v10 = tl.load(x_ptr + r1 + x0, mask=mask, other=0.0).to(ACC)
     v11 = tl.load(x_ptr + r1 + x1, mask=mask, other=0.0).to(ACC)
-    # Same association as sample_plane in bilinear.h.
-    value = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+    value = blend_taps(v00, v01, v10, v11, wy0[:, None], wy1[:, None], wx0[None, :], wx1[None, :])
     if HAS_SKIP:
         skip_row = (plane.to(tl.int64) * skip_h + skip_y + oy) * skip_w + skip_x
         skip_value = tl.load(skip_ptr + skip_row[:, None] + ox[None, :], mask=mask, other=0.0).to(ACC)
@@ -79,7 +75,7 @@ def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, 
 def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col_index, col_weight, col_readers,
                    rows_total, in_h, in_w, out_h, out_w, max_row_readers,
                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, COL_READERS: tl.constexpr):
-    """grad_x[plane, iy, ix] = sum over the outputs (oy, ox) that read (iy, ix) of their two tap weights times grad.
+    """grad_x[plane, iy, ix] = sum over the outputs (oy, ox) that read (iy, ix) of their tap weights times grad.
 
     A gather in a fixed order (output rows one by one, a fixed-shape tile of columns), so the result is
     deterministic. A tile is BLOCK_R input rows of the flattened (plane, iy) axis by BLOCK_W input columns by
@@ -91,16 +87,13 @@ def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col
     plane = row // in_h
     iy = tl.where(row_ok, row - plane * in_h, 0)
 
-    # Column weights [1, BLOCK_W, COL_READERS]: tap_weight of bilinear.h for every (ix, ox in its readers range).
+    # Column taps [1, BLOCK_W, COL_READERS] naming each ix, for every ox in its readers range.
     ox_begin = tl.load(col_readers + 2 * ix, mask=col_ok, other=0)
     ox_end = tl.load(col_readers + 2 * ix + 1, mask=col_ok, other=0)
     ox = ox_begin[:, None] + tl.arange(0, COL_READERS)[None, :]
     reads = col_ok[:, None] & (ox < ox_end[:, None])
-    cx0 = tl.load(col_index + 2 * ox, mask=reads, other=-1)
-    cx1 = tl.load(col_index + 2 * ox + 1, mask=reads, other=-1)
-    cw0 = tl.load(col_weight + 2 * ox, mask=reads, other=0.0)
-    cw1 = tl.load(col_weight + 2 * ox + 1, mask=reads, other=0.0)
-    wx = (tl.where(cx0 == ix[:, None], cw0, 0.0) + tl.where(cx1 == ix[:, None], cw1, 0.0))[None, :, :]
+    cx0, cx1, cw0, cw1 = taps_naming(col_index, col_weight, ox, ix[:, None], reads)
+    cx0, cx1, cw0, cw1 = cx0[None, :, :], cx1[None, :, :], cw0[None, :, :], cw1[None, :, :]
     ox = ox[None, :, :]
     reads = reads[None, :, :] & row_ok[:, None, None]
 
@@ -112,15 +105,12 @@ def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col
         oy = oy_begin + dy
         live = oy < oy_end
         oy_safe = tl.where(live, oy, 0)
-        ry0 = tl.load(row_index + 2 * oy_safe)
-        ry1 = tl.load(row_index + 2 * oy_safe + 1)
-        wy = tl.where(ry0 == iy, tl.load(row_weight + 2 * oy_safe), 0.0) + \
-            tl.where(ry1 == iy, tl.load(row_weight + 2 * oy_safe + 1), 0.0)
-        wy = tl.where(live, wy, 0.0)
+        ry0, ry1, wy0, wy1 = taps_naming(row_index, row_weight, oy_safe, iy, live)
         # int64: oy * out_w in int32 wraps once one output plane holds 2**31 elements (N = C = 1 at 46341^2).
         g_row = (g_plane + oy_safe.to(tl.int64) * out_w)[:, None, None]
         g = tl.load(grad_ptr + g_row + ox, mask=reads & live[:, None, None], other=0.0).to(ACC)
-        total += wy[:, None] * tl.sum(wx * g, 2)
+        row_sum = tl.sum(adjoint_share(cx0, cx1, cw0, cw1, g), 2)
+        total += adjoint_share(ry0[:, None], ry1[:, None], wy0[:, None], wy1[:, None], row_sum)
     out_offset = row.to(tl.int64)[:, None] * in_w + ix[None, :]
     tl.store(grad_x_ptr + out_offset, total.to(grad_x_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -144,14 +134,6 @@ def _grad_skip_kernel(grad_ptr, grad_skip_ptr, scale_ptr, rows_total, out_h, out
     tl.store(grad_skip_ptr + out_offset, value.to(grad_skip_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@functools.lru_cache(maxsize=64)
-def _scale_tensor(value: float, device: torch.device, double: bool) -> torch.Tensor:
-    """skip_scale as a device scalar: a float argument would reach the kernel as float32, too coarse for float64."""
-    return torch.tensor([value], dtype=torch.float64 if double else torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=512)
@@ -173,7 +155,6 @@ def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, s
     if out.numel() == 0:
         return out
     rows, cols = geometry.taps(x.device, x.dtype)
-    double = x.dtype == torch.float64
     if skip is not None:
         skip = skip.contiguous()
         skip_h, skip_w = skip.shape[2], skip.shape[3]
@@ -182,9 +163,9 @@ def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, s
     block_r, block_w = _tile(out_w)
     grid = (triton.cdiv(n * c * out_h, block_r), triton.cdiv(out_w, block_w))
     _forward_kernel[grid](
-        x, skip if skip is not None else x, out, _scale_tensor(float(skip_scale), x.device, double),
+        x, skip if skip is not None else x, out, device_scalar(float(skip_scale), rows.weight.dtype, x.device),
         rows.index, rows.weight, cols.index, cols.weight, n * c * out_h, in_h, in_w, out_h, out_w, skip_h, skip_w,
-        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=_acc_dtype(x.dtype), BLOCK_R=block_r,
+        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=acc_type(x.dtype), BLOCK_R=block_r,
         BLOCK_W=block_w)
     return out
 
@@ -194,7 +175,7 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
              skip_scale: float, need_x: bool, need_skip: bool):
     grad = grad.contiguous()
     n, c, out_h, out_w = grad.shape
-    acc = _acc_dtype(grad.dtype)
+    acc = acc_type(grad.dtype)
     grad_x = grad_skip = None
     if need_x:
         in_h, in_w = int(x_shape[2]), int(x_shape[3])
@@ -219,8 +200,8 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
         if grad_skip.numel() > 0:
             block_r, block_w = _tile(skip_w)
             grid = (triton.cdiv(n * c * skip_h, block_r), triton.cdiv(skip_w, block_w))
+            scale = device_scalar(float(skip_scale), acc_dtype(grad.dtype), grad.device)
             _grad_skip_kernel[grid](
-                grad, grad_skip, _scale_tensor(float(skip_scale), grad.device, grad.dtype == torch.float64),
-                n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1], ACC=acc,
-                BLOCK_R=block_r, BLOCK_W=block_w)
+                grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1],
+                ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
     return grad_x, grad_skip

@@ -1,13 +1,15 @@
 """Triton kernels of upsample_cross_entropy and upsample_argmax (plain tl API).
 
 Forward and argmax: one program per (image, block of output pixels) holds a [BLOCK_C, BLOCK_P] tile of logits,
-each interpolated from its 2x2 coarse taps (the tap tables of fcn_fast/ops/_resample.py), and runs the shared tile
-math of triton_common.py. Backward: one program per (image, block of coarse pixels) gathers, for every class at
-once, the output pixels in each coarse pixel's readers window, recomputing their logits and softmax from the coarse
-map and the saved log-sum-exp: no atomics, deterministic.
+each interpolated from its 2x2 coarse taps (the tap tables of fcn_fast/ops/_resample.py, read with the tap helpers
+of triton_common.py), and runs the shared tile math of triton_common.py. Backward: one program per (image, block of
+coarse pixels) gathers, for every class at once, the output pixels in each coarse pixel's readers window,
+recomputing their logits and softmax from the coarse map and the saved softmax statistics: no atomics,
+deterministic.
 
-Offsets of images and class planes are int64 (N*H*W and the virtual N*C*H*W can pass 2**31); positions inside one
-image (an output pixel, a coarse pixel) are int32, so one image must hold fewer than 2**31 output pixels.
+Offsets of images and class planes are int64 (N*H*W and the virtual N*C*H*W can pass 2**31). Positions inside one
+image (an output pixel, a coarse pixel) are int32 unless an image holds 2**31 positions or more (``_index_64``):
+then the kernels are compiled with INDEX_64 and count them in int64.
 """
 
 from __future__ import annotations
@@ -16,17 +18,26 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import ce_tile_forward, ce_tile_grad, on_tensor_device
+from fcn_fast.ops.triton_common import (adjoint_share, blend_taps, ce_tile_forward, ce_tile_grad, device_scalar,
+                                        load_taps, on_tensor_device, taps_naming)
+
+# Positions inside one image, plus one block past the last, must stay at or below this for int32 indexing.
+POSITION_LIMIT = 2**31 - 1
+# CUDA's limit on the programs of a grid's first axis.
+MAX_PROGRAMS = 2**31 - 1
 
 
-@triton.jit
-def _tap(index_ptr, weight_ptr, o, mask):
-    """The two taps (positions, weights) of output positions o along one axis."""
-    i0 = tl.load(index_ptr + 2 * o, mask=mask, other=0)
-    i1 = tl.load(index_ptr + 2 * o + 1, mask=mask, other=0)
-    w0 = tl.load(weight_ptr + 2 * o, mask=mask, other=0.0)
-    w1 = tl.load(weight_ptr + 2 * o + 1, mask=mask, other=0.0)
-    return i0, i1, w0, w1
+def _index_64(*positions: int, block: int) -> bool:
+    """Whether positions counted inside one image (output pixels, coarse pixels: ``positions``) can pass int32,
+    counting the block a program rounds them up to: then the kernels take their INDEX_64 path."""
+    return max(positions) + block > POSITION_LIMIT
+
+
+def _check_programs(op: str, programs: int, images: int, per_image: int) -> None:
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{op}: the triton backend would launch {programs} programs ({images} images x {per_image} "
+                         f"blocks), more than a CUDA grid holds ({MAX_PROGRAMS}); split the batch or use the cuda "
+                         f"backend")
 
 
 @triton.jit
@@ -34,17 +45,18 @@ def _logits_tile(coarse_ptr, plane, row_index_ptr, row_weight_ptr, col_index_ptr
                  mask):
     """z[BLOCK_C, BLOCK_P]: the logits upsample_add gives at output pixels (oy, ox) for the class planes starting at
     plane[BLOCK_C] (int64 offsets), rounded to coarse's dtype as upsample_add returns them, in the accumulate dtype."""
-    y0, y1, wy0, wy1 = _tap(row_index_ptr, row_weight_ptr, oy, mask)
-    x0, x1, wx0, wx1 = _tap(col_index_ptr, col_weight_ptr, ox, mask)
+    y0, y1, wy0, wy1 = load_taps(row_index_ptr, row_weight_ptr, oy, mask)
+    x0, x1, wx0, wx1 = load_taps(col_index_ptr, col_weight_ptr, ox, mask)
     base = plane[:, None]
     m = mask[None, :] & (plane[:, None] >= 0)
-    r0 = base + (y0 * in_w)[None, :]
-    r1 = base + (y1 * in_w)[None, :]
+    # int64 rows: y * in_w passes 2**31 in a coarse plane that large (interp mode may downsample one).
+    r0 = base + (y0.to(tl.int64) * in_w)[None, :]
+    r1 = base + (y1.to(tl.int64) * in_w)[None, :]
     a00 = tl.load(coarse_ptr + r0 + x0[None, :], mask=m, other=0.0).to(wy0.dtype)
     a01 = tl.load(coarse_ptr + r0 + x1[None, :], mask=m, other=0.0).to(wy0.dtype)
     a10 = tl.load(coarse_ptr + r1 + x0[None, :], mask=m, other=0.0).to(wy0.dtype)
     a11 = tl.load(coarse_ptr + r1 + x1[None, :], mask=m, other=0.0).to(wy0.dtype)
-    z = wy0[None, :] * (wx0[None, :] * a00 + wx1[None, :] * a01) + wy1[None, :] * (wx0[None, :] * a10 + wx1[None, :] * a11)
+    z = blend_taps(a00, a01, a10, a11, wy0[None, :], wy1[None, :], wx0[None, :], wx1[None, :])
     return z.to(coarse_ptr.dtype.element_ty).to(wy0.dtype)
 
 
@@ -76,24 +88,34 @@ def _image_and_block(blocks_per_image):
 
 
 @triton.jit
+def _positions(block, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """Positions [BLOCK] of this program inside its image: int32, or int64 for images of 2**31 positions or more."""
+    if INDEX_64:
+        return block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return block * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr,
-                    loss_ptr, denom_ptr, lse_ptr, eps_ptr, num_classes, ignore_index, in_h, in_w, out_h, out_w,
-                    blocks_per_image, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_P: tl.constexpr):
+                    loss_ptr, denom_ptr, max_ptr, log_sum_ptr, eps_ptr, num_classes, ignore_index, in_w, in_hw,
+                    out_w, out_hw, blocks_per_image, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     n, block = _image_and_block(blocks_per_image)
-    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < out_h * out_w
+    p = _positions(block, BLOCK_P, INDEX_64)
+    p_mask = p < out_hw
     oy, ox = p // out_w, p % out_w
     c_offs = tl.arange(0, BLOCK_C)
-    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_h * in_w), row_index_ptr, row_weight_ptr,
+    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_hw), row_index_ptr, row_weight_ptr,
                      col_index_ptr, col_weight_ptr, oy, ox, in_w, p_mask)
     z = tl.where((c_offs < num_classes)[:, None], z, float("-inf"))
-    pixel = n * out_h * out_w + p
+    pixel = n * out_hw + p
     t = tl.load(target_ptr + pixel, mask=p_mask, other=0).to(tl.int64)
     class_w, weight_sum = _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT)
     eps = tl.load(eps_ptr)
-    loss, denom, lse = ce_tile_forward(z, t, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes, ignore_index)
-    tl.store(lse_ptr + pixel, lse, mask=p_mask)
+    loss, denom, m, log_sum = ce_tile_forward(z, t, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes,
+                                              ignore_index)
+    tl.store(max_ptr + pixel, m, mask=p_mask)
+    tl.store(log_sum_ptr + pixel, log_sum, mask=p_mask)
     if PER_PIXEL:
         tl.store(loss_ptr + pixel, loss, mask=p_mask)
         tl.store(denom_ptr + pixel, denom, mask=p_mask)
@@ -103,16 +125,17 @@ def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weigh
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, lse_ptr, row_index_ptr, row_weight_ptr,
-                     row_readers_ptr, col_index_ptr, col_weight_ptr, col_readers_ptr, out_ptr, eps_ptr, num_classes,
-                     ignore_index, in_h, in_w, out_h, out_w, span_y, span_x, blocks_per_image,
-                     PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, row_index_ptr,
+                     row_weight_ptr, row_readers_ptr, col_index_ptr, col_weight_ptr, col_readers_ptr, out_ptr, eps_ptr,
+                     num_classes, ignore_index, in_w, in_hw, out_w, out_hw, span_y, span_x, blocks_per_image,
+                     PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, INDEX_64: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     n, block = _image_and_block(blocks_per_image)
-    q = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < in_h * in_w
+    q = _positions(block, BLOCK_Q, INDEX_64)
+    q_mask = q < in_hw
     iy, ix = q // in_w, q % in_w
     c_offs = tl.arange(0, BLOCK_C)
-    planes = _planes(n, c_offs, num_classes, in_h * in_w)
+    planes = _planes(n, c_offs, num_classes, in_hw)
     class_w, weight_sum = _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT)
     eps = tl.load(eps_ptr)
     row_start = tl.load(row_readers_ptr + 2 * iy, mask=q_mask, other=0)
@@ -124,38 +147,42 @@ def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, lse_ptr, row_
     for dy in range(0, span_y):
         oy = row_start + dy
         y_ok = q_mask & (oy < row_stop)
-        y0, y1, wy0, wy1 = _tap(row_index_ptr, row_weight_ptr, oy, y_ok)
-        wy = tl.where(y0 == iy, wy0, 0.0) + tl.where(y1 == iy, wy1, 0.0)
+        ry0, ry1, wy0, wy1 = taps_naming(row_index_ptr, row_weight_ptr, oy, iy, y_ok)
+        row_sum = tl.zeros((BLOCK_C, BLOCK_Q), dtype=row_weight_ptr.dtype.element_ty)
         for dx in range(0, span_x):
             ox = col_start + dx
             ok = y_ok & (ox < col_stop)
-            x0, x1, wx0, wx1 = _tap(col_index_ptr, col_weight_ptr, ox, ok)
-            wx = tl.where(x0 == ix, wx0, 0.0) + tl.where(x1 == ix, wx1, 0.0)
-            pixel = n * out_h * out_w + oy.to(tl.int64) * out_w + ox
+            cx0, cx1, wx0, wx1 = taps_naming(col_index_ptr, col_weight_ptr, ox, ix, ok)
+            pixel = n * out_hw + oy.to(tl.int64) * out_w + ox
             t = tl.load(target_ptr + pixel, mask=ok, other=0).to(tl.int64)
-            lse = tl.load(lse_ptr + pixel, mask=ok, other=0.0)
+            m = tl.load(max_ptr + pixel, mask=ok, other=0.0)
+            log_sum = tl.load(log_sum_ptr + pixel, mask=ok, other=0.0)
             if PER_PIXEL:
                 g = tl.load(grad_ptr + pixel, mask=ok, other=0.0)
             else:
-                g = tl.zeros_like(lse) + tl.load(grad_ptr)
+                g = tl.zeros_like(m) + tl.load(grad_ptr)
             z = _logits_tile(coarse_ptr, planes, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, oy,
                              ox, in_w, ok)
             z = tl.where((c_offs < num_classes)[:, None], z, float("-inf"))
-            d = ce_tile_grad(z, t, lse, g, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes, ignore_index)
-            total += tl.where(ok[None, :], d * (wy * wx)[None, :], 0.0)
+            d = ce_tile_grad(z, t, m, log_sum, g, class_w.to(z.dtype), c_offs, weight_sum, eps, num_classes,
+                             ignore_index)
+            # Every tap multiplied on its own, weight 0 included, as PyTorch's upsample backward does.
+            row_sum += adjoint_share(cx0[None, :], cx1[None, :], wx0[None, :], wx1[None, :], d)
+        total += adjoint_share(ry0[None, :], ry1[None, :], wy0[None, :], wy1[None, :], row_sum)
     offs = planes[:, None] + q[None, :]
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=(c_offs < num_classes)[:, None] & q_mask[None, :])
 
 
 @triton.jit
 def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, out_ptr, num_classes,
-                   in_h, in_w, out_h, out_w, blocks_per_image, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                   in_w, in_hw, out_w, out_hw, blocks_per_image, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
     n, block = _image_and_block(blocks_per_image)
-    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < out_h * out_w
+    p = _positions(block, BLOCK_P, INDEX_64)
+    p_mask = p < out_hw
     oy, ox = p // out_w, p % out_w
     c_offs = tl.arange(0, BLOCK_C)
-    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_h * in_w), row_index_ptr, row_weight_ptr,
+    z = _logits_tile(coarse_ptr, _planes(n, c_offs, num_classes, in_hw), row_index_ptr, row_weight_ptr,
                      col_index_ptr, col_weight_ptr, oy, ox, in_w, p_mask)
     real = (c_offs < num_classes)[:, None]
     # torch.argmax: the first NaN wins; otherwise the first class holding the maximum.
@@ -164,12 +191,7 @@ def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col
     first_best = tl.min(tl.where(real & (z == best[None, :]), c_offs[:, None], BLOCK_C), 0)
     first_best = tl.where(first_best == BLOCK_C, 0, first_best)  # every logit -inf: torch gives class 0
     label = tl.where(first_nan < BLOCK_C, first_nan, first_best)
-    tl.store(out_ptr + n * out_h * out_w + p, label.to(out_ptr.dtype.element_ty), mask=p_mask)
-
-
-def _smoothing(label_smoothing: float, like: torch.Tensor) -> torch.Tensor:
-    # Triton passes Python floats as float32; the float64 kernels need label_smoothing in float64.
-    return torch.tensor([label_smoothing], dtype=like.dtype, device=like.device)
+    tl.store(out_ptr + n * out_hw + p, label.to(out_ptr.dtype.element_ty), mask=p_mask)
 
 
 def _blocks(num_classes: int):
@@ -179,21 +201,23 @@ def _blocks(num_classes: int):
 
 @on_tensor_device
 def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
-    """(loss, "mean" weight, log-sum-exp) in the accumulate dtype: lse (N, H, W); loss and weight (N, H, W) when
-    per_pixel, else one sum per program."""
+    """(loss, "mean" weight, softmax statistics) in the accumulate dtype: lse (2, N, H, W); loss and weight
+    (N, H, W) when per_pixel, else one sum per program."""
     rows, cols = geometry.taps(coarse.device, coarse.dtype)
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     acc = rows.weight.dtype
     block_c, block_p = _blocks(c)
     blocks = triton.cdiv(out_h * out_w, block_p)
+    _check_programs("upsample_cross_entropy", n * blocks, n, blocks)
     sums_shape = (n, out_h, out_w) if per_pixel else (n * blocks,)
     loss, denom = (torch.empty(sums_shape, dtype=acc, device=coarse.device) for _ in range(2))
-    lse = torch.empty((n, out_h, out_w), dtype=acc, device=coarse.device)
+    lse = torch.empty((2, n, out_h, out_w), dtype=acc, device=coarse.device)
     _forward_kernel[(n * blocks,)](
         coarse, target, weight if weight is not None else coarse, rows.index, rows.weight, cols.index, cols.weight,
-        loss, denom, lse, _smoothing(label_smoothing, rows.weight), c, ignore_index, h, w, out_h, out_w, blocks,
-        PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_P=block_p)
+        loss, denom, lse[0], lse[1], device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w,
+        out_w, out_h * out_w, blocks, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
+        INDEX_64=_index_64(out_h * out_w, h * w, block=block_p), BLOCK_C=block_c, BLOCK_P=block_p)
     return loss, denom, lse
 
 
@@ -204,6 +228,7 @@ def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, la
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     grad_coarse = torch.empty_like(coarse)
+    acc = rows.weight.dtype
     # The widest readers windows bound the gather loops (2 * factor for deconv).
     host_rows, host_cols = geometry.taps(torch.device("cpu"), coarse.dtype)  # cached: no device sync
     span_y = int((host_rows.readers[:, 1] - host_rows.readers[:, 0]).max())
@@ -211,11 +236,13 @@ def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, la
     block_c = triton.next_power_of_2(c)
     block_q = max(16, min(64, 2048 // block_c))
     blocks = triton.cdiv(h * w, block_q)
+    _check_programs("upsample_cross_entropy", n * blocks, n, blocks)
     _backward_kernel[(n * blocks,)](
-        grad_pixel, coarse, target, weight if weight is not None else coarse, lse, rows.index, rows.weight,
-        rows.readers, cols.index, cols.weight, cols.readers, grad_coarse, _smoothing(label_smoothing, rows.weight), c,
-        ignore_index, h, w, out_h, out_w, span_y, span_x, blocks,
-        PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_C=block_c, BLOCK_Q=block_q)
+        grad_pixel, coarse, target, weight if weight is not None else coarse, lse[0], lse[1], rows.index,
+        rows.weight, rows.readers, cols.index, cols.weight, cols.readers, grad_coarse,
+        device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w, out_w, out_h * out_w, span_y,
+        span_x, blocks, PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None,
+        INDEX_64=_index_64(out_h * out_w, h * w, block=block_q), BLOCK_C=block_c, BLOCK_Q=block_q)
     return grad_coarse
 
 
@@ -227,6 +254,8 @@ def argmax(coarse, geometry, dtype):
     labels = torch.empty((n, out_h, out_w), dtype=dtype, device=coarse.device)
     block_c, block_p = _blocks(c)
     blocks = triton.cdiv(out_h * out_w, block_p)
-    _argmax_kernel[(n * blocks,)](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, h, w, out_h,
-                                  out_w, blocks, BLOCK_C=block_c, BLOCK_P=block_p)
+    _check_programs("upsample_argmax", n * blocks, n, blocks)
+    _argmax_kernel[(n * blocks,)](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, w, h * w, out_w,
+                                  out_h * out_w, blocks, INDEX_64=_index_64(out_h * out_w, h * w, block=block_p),
+                                  BLOCK_C=block_c, BLOCK_P=block_p)
     return labels

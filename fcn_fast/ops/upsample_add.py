@@ -1,7 +1,8 @@
 """upsample_add: bilinear upsampling (FCN's fixed deconvolution, or F.interpolate) + crop + scaled skip add, fused.
 
-Public function, reference, validation, backend dispatch and the torch.library registrations (custom op, autograd,
-fake kernel) of one op live here; its kernels live in kernels/cpu, kernels/cuda and fcn_fast/ops/triton_upsample_add.py.
+Public function, reference, validation, the backends' implementations (``KERNELS``, see _dispatch.py) and the
+torch.library registrations (custom op, autograd, fake kernel) of one op live here; its kernels live in kernels/cpu,
+kernels/cuda and fcn_fast/ops/triton_upsample_add.py.
 """
 
 from __future__ import annotations
@@ -10,52 +11,26 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from fcn_fast import _backends, _emulator
-from fcn_fast._validation import check_int, check_pair, check_same, check_tensor, describe
+from fcn_fast import _backends
+from fcn_fast._validation import check_float, check_pair, check_same, check_tensor, describe
 from fcn_fast.ops import _eager
-from fcn_fast.ops._resample import (MODES, Geometry, deconv_output_size, upsample_reference,
-                                    upsample_reference_backward)
+from fcn_fast.ops._dispatch import Kernels, OpKernels
+from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
 
 OP = "upsample_add"
 
 
-def _geometry(x: torch.Tensor, factor, mode, out_size, offset, align_corners, op: str = OP) -> Geometry:
-    """The Geometry of upsampling x, or a ValueError/TypeError naming ``op`` (upsample_cross_entropy and
-    upsample_argmax check their geometry here too)."""
-    factor = check_int(op, "factor", factor, minimum=1)
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    offset = check_pair(op, "offset", offset, minimum=0)
-    if mode == "deconv":
-        full = (deconv_output_size(h, factor), deconv_output_size(w, factor))
-        if out_size is None:
-            out = (full[0] - offset[0], full[1] - offset[1])
-        else:
-            out = check_pair(op, "out_size", out_size, minimum=1)
-        if min(out) < 1 or offset[0] + out[0] > full[0] or offset[1] + out[1] > full[1]:
-            raise ValueError(
-                f"{op}: out_size {out} at offset {offset} does not fit in the deconvolution output {full} "
-                f"(input {h}x{w}, factor {factor})")
-    else:
-        if offset != (0, 0):
-            raise ValueError(f"{op}: offset applies to mode='deconv' only (interp is F.interpolate), got {offset}")
-        out = (h * factor, w * factor) if out_size is None else check_pair(op, "out_size", out_size, minimum=1)
-    if mode == "deconv" and align_corners:
-        raise ValueError(f"{op}: align_corners applies to mode='interp' only")
-    return Geometry(mode, (h, w), (int(out[0]), int(out[1])), factor, offset, bool(align_corners))
-
-
-def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry, Tuple[int, int], float]:
+def _validate(x, skip, geometry_args, skip_offset, skip_scale):
+    """(x, skip, geometry, skip_offset, skip_scale) checked; x and skip promoted to one dtype inside autocast."""
     check_tensor(OP, "x", x, ndim=4)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{OP}: x must have a spatial size of at least 1x1, got {describe(x)}")
-    geometry = _geometry(x, *geometry_args)
+    geometry = Geometry.checked(OP, x, *geometry_args)
     skip_offset = check_pair(OP, "skip_offset", skip_offset, minimum=0)
-    if not isinstance(skip_scale, (int, float)) or isinstance(skip_scale, bool):
-        raise TypeError(f"{OP}: skip_scale must be a float, got {skip_scale!r}")
+    skip_scale = check_float(OP, "skip_scale", skip_scale)
     if skip is not None:
         check_tensor(OP, "skip", skip, ndim=4)
+        x, skip = _eager.autocast_promote(x, skip)
         check_same(OP, "x", x, "skip", skip)
         if skip.shape[0] != x.shape[0] or skip.shape[1] != x.shape[1]:
             raise ValueError(f"{OP}: skip must have the N and C of x, got x: {describe(x)}; skip: {describe(skip)}")
@@ -64,14 +39,15 @@ def _validate(x, skip, geometry_args, skip_offset, skip_scale) -> Tuple[Geometry
             raise ValueError(
                 f"{OP}: skip of {tuple(skip.shape[2:])} is too small for an {oh}x{ow} crop at skip_offset "
                 f"{skip_offset}")
-    return geometry, skip_offset, float(skip_scale)
+    return x, skip, geometry, skip_offset, skip_scale
 
 
 def upsample_add_reference(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor: int, mode: str = "interp",
                            out_size: Optional[Sequence[int]] = None, offset=(0, 0), skip_offset=(0, 0),
                            skip_scale: float = 1.0, align_corners: bool = False) -> torch.Tensor:
     """upsample_add in plain, differentiable PyTorch (the ground truth)."""
-    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    x, skip, geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners),
+                                                           skip_offset, skip_scale)
     return _reference_forward(x, skip, geometry, skip_offset, skip_scale)
 
 
@@ -94,40 +70,35 @@ def _reference_backward(grad, geometry: Geometry, x_shape, skip_shape, skip_offs
     return grad_x, grad_skip
 
 
-# ---- backend implementations: (x, skip, geometry, skip_offset, skip_scale) -> out --------------------------------
+# ---- backend implementations -------------------------------------------------------------------------------------
+# forward(x, skip, geometry, skip_offset, skip_scale) -> out
+# backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip) -> (grad_x, grad_skip)
 
-def _native_forward(x, skip, geometry, skip_offset, skip_scale, ops=torch.ops.fcn_fast):
-    rows, cols = geometry.taps(x.device, x.dtype)
-    return ops._upsample_add_fwd(
-        x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
-
-
-def _native_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip,
-                     ops=torch.ops.fcn_fast):
-    rows, cols = geometry.taps(grad.device, grad.dtype)
-    grad_x, grad_skip = ops._upsample_add_bwd(
-        grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
-        x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
-        need_x, need_skip)
-    return (grad_x if need_x else None), (grad_skip if need_skip else None)
+class _Reference(Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
 
 
-def _triton_forward(x, skip, geometry, skip_offset, skip_scale):
-    from fcn_fast.ops import triton_upsample_add
+class _Native(Kernels):
+    def forward(self, x, skip, geometry, skip_offset, skip_scale):
+        rows, cols = geometry.taps(x.device, x.dtype)
+        return self.ops._upsample_add_fwd(
+            x, skip, rows.index, rows.weight, cols.index, cols.weight, skip_offset[0], skip_offset[1], skip_scale)
 
-    return triton_upsample_add.forward(x, skip, geometry, skip_offset, skip_scale)
+    def backward(self, grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
+        rows, cols = geometry.taps(grad.device, grad.dtype)
+        grad_x, grad_skip = self.ops._upsample_add_bwd(
+            grad, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
+            x_shape[2], x_shape[3], skip_shape[2], skip_shape[3], skip_offset[0], skip_offset[1], skip_scale,
+            need_x, need_skip)
+        return (grad_x if need_x else None), (grad_skip if need_skip else None)
 
 
-def _triton_backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip):
-    from fcn_fast.ops import triton_upsample_add
-
-    return triton_upsample_add.backward(grad, geometry, x_shape, skip_shape, skip_offset, skip_scale, need_x, need_skip)
+class _Triton(Kernels):
+    module = "fcn_fast.ops.triton_upsample_add"
 
 
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
-            "cuda_emulated": _emulator.entry(_native_forward)}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward, "triton": _triton_backward,
-             "cuda_emulated": _emulator.entry(_native_backward)}
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Native, cuda=_Native, triton=_Triton)
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
@@ -143,7 +114,7 @@ def _upsample_add_impl(x: torch.Tensor, skip: Optional[torch.Tensor], factor: in
     geometry = _unpack(x.shape[2], x.shape[3], out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if x.numel() == 0:
         return x.new_zeros((x.shape[0], x.shape[1], out_h, out_w))
-    return _FORWARD[backend](x, skip, geometry, (skip_y, skip_x), skip_scale)
+    return KERNELS[backend].forward(x, skip, geometry, (skip_y, skip_x), skip_scale)
 
 
 _upsample_add_op = torch.library.custom_op("fcn_fast::upsample_add", mutates_args=())(_upsample_add_impl)
@@ -152,6 +123,9 @@ _upsample_add_op = torch.library.custom_op("fcn_fast::upsample_add", mutates_arg
 @_upsample_add_op.register_fake
 def _(x, skip, factor, mode, out_h, out_w, offset_y, offset_x, skip_y, skip_x, skip_scale, align_corners, backend):
     return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+
+_eager.register_per_sample_vmap(_upsample_add_op)
 
 
 def _upsample_add_backward_impl(grad: torch.Tensor, in_h: int, in_w: int, skip_h: int, skip_w: int, factor: int,
@@ -164,8 +138,8 @@ def _upsample_add_backward_impl(grad: torch.Tensor, in_h: int, in_w: int, skip_h
     if grad.numel() == 0:
         grad_x, grad_skip = grad.new_zeros(x_shape), grad.new_zeros(skip_shape)
     else:
-        grad_x, grad_skip = _BACKWARD[backend](grad.contiguous(), geometry, x_shape, skip_shape, (skip_y, skip_x),
-                                               skip_scale, need_x, need_skip)
+        grad_x, grad_skip = KERNELS[backend].backward(grad.contiguous(), geometry, x_shape, skip_shape,
+                                                      (skip_y, skip_x), skip_scale, need_x, need_skip)
     # Custom ops return tensors only: an output nobody asked for comes back empty.
     return (grad_x if need_x else grad.new_empty(0)), (grad_skip if need_skip else grad.new_empty(0))
 
@@ -181,6 +155,9 @@ def _(grad, in_h, in_w, skip_h, skip_w, factor, mode, offset_y, offset_x, skip_y
     grad_x = grad.new_empty((n, c, in_h, in_w)) if need_x else grad.new_empty(0)
     grad_skip = grad.new_empty((n, c, skip_h, skip_w)) if need_skip else grad.new_empty(0)
     return grad_x, grad_skip
+
+
+_eager.register_per_sample_vmap(_upsample_add_backward_op)
 
 
 def _setup_context(ctx, inputs, output):
@@ -206,8 +183,12 @@ def _make_backward(backward_op):
             grad_x, grad_skip = backward_op(
                 grad, ctx.in_hw[0], ctx.in_hw[1], ctx.skip_hw[0], ctx.skip_hw[1], factor, mode, offset_y, offset_x,
                 skip_y, skip_x, skip_scale, align_corners, need_x, need_skip and not skip_takes_grad, backend)
+            if torch.is_grad_enabled():  # create_graph=True
+                grad_x, grad_skip = _eager.forbid_double_backward(
+                    OP, ((grad_x if need_x else None), (grad_skip if need_skip and not skip_takes_grad else None)),
+                    (grad,))
         if skip_takes_grad:
-            grad_skip = grad
+            grad_skip = grad  # differentiable as it is: the identity
         return (grad_x if need_x else None), (grad_skip if need_skip else None), *([None] * len(ctx.args))
 
     return backward
@@ -216,6 +197,8 @@ def _make_backward(backward_op):
 _upsample_add_op.register_autograd(_make_backward(_upsample_add_backward_op), setup_context=_setup_context)
 _UpsampleAddFunction = _eager.autograd_function("_UpsampleAddFunction", _upsample_add_impl, _setup_context,
                                                 _make_backward(_upsample_add_backward_impl))
+_UpsampleAddTransformFunction = _eager.transform_function(
+    "_UpsampleAddTransformFunction", OP, _upsample_add_op, _setup_context, _make_backward(_upsample_add_backward_op))
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -227,7 +210,8 @@ def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor
 
     Args:
         x: Tensor[N, C, h, w], float32/float64/float16/bfloat16 (accumulates in float32; float64 in float64).
-        skip: optional Tensor[N, C, Hs, Ws] of x's dtype and device, added as
+        skip: optional Tensor[N, C, Hs, Ws] of x's dtype (inside autocast: any float dtype, both promoted to the
+            wider) and device, added as
             ``skip_scale * skip[:, :, sy:sy+H, sx:sx+W]`` with ``(sy, sx) = skip_offset``.
         factor: integer upsampling factor >= 1.
         mode: ``"deconv"``: FCN's fixed bilinear deconvolution, exactly
@@ -239,11 +223,13 @@ def upsample_add(x: torch.Tensor, skip: Optional[torch.Tensor] = None, *, factor
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        Tensor[N, C, H, W], contiguous, of x's dtype. Gradients flow to x and skip (backward is a deterministic gather).
+        Tensor[N, C, H, W], contiguous, of x's dtype. Gradients flow to x and skip (backward is a deterministic
+        gather; torch.func.grad and vmap work; not twice differentiable, see docs/backends.md).
     """
-    geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners), skip_offset, skip_scale)
+    x, skip, geometry, skip_offset, skip_scale = _validate(x, skip, (factor, mode, out_size, offset, align_corners),
+                                                           skip_offset, skip_scale)
     name = _backends.resolve_backend(backend, x.device, OP)
-    run = _UpsampleAddFunction.apply if _eager.takes_eager_path(x, skip) else _upsample_add_op
+    run = _eager.runner(_UpsampleAddFunction.apply, _UpsampleAddTransformFunction.apply, _upsample_add_op, x, skip)
     return run(
         x, skip, geometry.factor, geometry.mode, geometry.out_hw[0], geometry.out_hw[1], geometry.offset[0],
         geometry.offset[1], skip_offset[0], skip_offset[1], skip_scale, geometry.align_corners, name)

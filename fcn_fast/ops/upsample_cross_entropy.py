@@ -2,9 +2,10 @@
 cross-entropy (training) or with the per-pixel argmax (inference), so the full-resolution logits are never stored.
 
 Every output pixel interpolates its C logits from the coarse map on the fly through the tap tables of
-fcn_fast/ops/_resample.py. The forward pass saves one log-sum-exp per output pixel; the backward pass recomputes each
-pixel's softmax from the coarse map and that log-sum-exp and gathers grad_coarse directly (each coarse pixel sums the
-output pixels that read it: no atomics, bitwise deterministic). Kernels: kernels/cpu/upsample_cross_entropy_cpu.cpp,
+fcn_fast/ops/_resample.py. The forward pass saves the softmax statistics of every output pixel (its largest logit and
+log sum exp relative to it); the backward pass recomputes each pixel's softmax from the coarse map and those and
+gathers grad_coarse directly (each coarse pixel sums the output pixels that read it: no atomics, bitwise
+deterministic). Kernels: kernels/cpu/upsample_cross_entropy_cpu.cpp,
 kernels/cuda/upsample_cross_entropy_cuda.cu, fcn_fast/ops/triton_upsample_cross_entropy.py.
 """
 
@@ -15,19 +16,15 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from fcn_fast import _backends, _emulator
-from fcn_fast._validation import check_tensor, describe
+from fcn_fast import _backends
+from fcn_fast._validation import check_bool, check_tensor, describe
 from fcn_fast.ops import _ce_common, _eager
+from fcn_fast.ops._dispatch import Kernels, OpKernels, acc_dtype
 from fcn_fast.ops._resample import Geometry, upsample_reference, upsample_reference_backward
-from fcn_fast.ops.upsample_add import _geometry
 
 OP = "upsample_cross_entropy"
 ARGMAX_OP = "upsample_argmax"
 LABEL_DTYPES = (torch.int64, torch.uint8)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_coarse(op: str, coarse) -> None:
@@ -37,16 +34,17 @@ def _check_coarse(op: str, coarse) -> None:
 
 
 def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
-              label_smoothing) -> Tuple[Geometry, Optional[torch.Tensor]]:
+              label_smoothing, check_targets) -> Tuple[Geometry, Optional[torch.Tensor]]:
     """Everything but the label values, which the custom op checks (see _upsample_cross_entropy_op)."""
     _check_coarse(OP, coarse)
     weight = _ce_common.check_ce_options(OP, coarse, target, weight, ignore_index, reduction, label_smoothing)
+    check_bool(OP, "check_targets", check_targets)
     if target.dim() != 3 or target.shape[0] != coarse.shape[0]:
         raise ValueError(f"{OP}: target must be (N, H, W) with the N of coarse (N, C, h, w), got target: "
                          f"{describe(target)}; coarse: {describe(coarse)}")
     if min(target.shape[1:]) < 1:
         raise ValueError(f"{OP}: target must have at least one pixel, got {describe(target)}")
-    geometry = _geometry(coarse, factor, mode, tuple(target.shape[1:]), offset, align_corners, op=OP)
+    geometry = Geometry.checked(OP, coarse, factor, mode, tuple(target.shape[1:]), offset, align_corners)
     return geometry, weight
 
 
@@ -54,12 +52,12 @@ def _validate(coarse, target, factor, mode, offset, align_corners, weight, ignor
 
 def _reference_logits(coarse: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     # Rounded to coarse's dtype first, as upsample_add returns them, then upcast as the kernels accumulate.
-    return upsample_reference(coarse, geometry).to(_acc_dtype(coarse.dtype))
+    return upsample_reference(coarse, geometry).to(acc_dtype(coarse.dtype))
 
 
 def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
-    """(per-pixel loss, per-pixel weight in the "mean" denominator, per-pixel log-sum-exp), all (N, H, W), whatever
-    per_pixel says (the other backends then return partial sums: the ground truth keeps the simplest form)."""
+    """(per-pixel loss, per-pixel weight in the "mean" denominator, both (N, H, W) whatever per_pixel says (the other
+    backends then return partial sums: the ground truth keeps the simplest form), softmax statistics (2, N, H, W))."""
     z = _reference_logits(coarse, geometry)
     valid = _ce_common.valid_labels(target, coarse.shape[1], ignore_index)
     labels = torch.where(valid, target.long(), torch.full_like(target, ignore_index, dtype=torch.long))
@@ -67,23 +65,24 @@ def _reference_forward(coarse, target, weight, geometry, ignore_index, label_smo
                            label_smoothing=label_smoothing)
     class_w = weight if weight is not None else z.new_ones(coarse.shape[1])
     denom = torch.where(valid, class_w[torch.where(valid, target.long(), 0)], 0)
-    return loss, denom, torch.logsumexp(z, 1)
+    return loss, denom, _ce_common.softmax_stats(z)
 
 
 def _reference_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
     """dloss/dcoarse: the softmax cross-entropy gradient (formula in kernels/include/fcn_fast/softmax_ce.h) at full
-    resolution, then the adjoint of the upsampling through PyTorch's own ops."""
+    resolution, then the adjoint of the upsampling through PyTorch's own ops. The softmax is recomputed (lse is not
+    needed), and each pixel's incoming gradient scales the coefficients before they meet the softmax, as in the
+    kernels: an incoming gradient of 1/0 (a "mean" over zero weight) then gives NaN as PyTorch does, not +-inf."""
     num_classes, eps = coarse.shape[1], label_smoothing
     z = _reference_logits(coarse, geometry)
     valid = _ce_common.valid_labels(target, num_classes, ignore_index)
     safe = torch.where(valid, target.long(), 0)
     class_w = weight if weight is not None else z.new_ones(num_classes)
-    w_t = torch.where(valid, class_w[safe], 0)
-    coef = (1 - eps) * w_t + eps / num_classes * class_w.sum() * valid
-    grad = torch.exp(z - lse[:, None]) * coef[:, None]
-    grad -= F.one_hot(safe, num_classes).permute(0, 3, 1, 2) * ((1 - eps) * w_t)[:, None]
-    grad -= (eps / num_classes) * class_w[None, :, None, None] * valid[:, None]
-    grad *= grad_pixel[:, None] if grad_pixel.dim() == 3 else grad_pixel
+    w_t = class_w[safe]
+    g = torch.where(valid, grad_pixel.expand(valid.shape), 0.0)  # ignored pixels: softmax * 0
+    grad = torch.softmax(z, 1) * (g * ((1 - eps) * w_t + eps / num_classes * class_w.sum()))[:, None]
+    grad -= F.one_hot(safe, num_classes).permute(0, 3, 1, 2) * (g * (1 - eps) * w_t)[:, None]
+    grad -= (eps / num_classes) * class_w[None, :, None, None] * g[:, None]
     return upsample_reference_backward(grad, geometry, coarse.shape).to(coarse.dtype)
 
 
@@ -91,52 +90,40 @@ def _reference_argmax(coarse, geometry, dtype):
     return upsample_reference(coarse, geometry).argmax(1).to(dtype)
 
 
-# ---- native (cpu, cuda) and triton ---------------------------------------------------------------------------------
+# ---- backend implementations ---------------------------------------------------------------------------------------
+# forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel) -> (loss, denom_weight, lse)
+# backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing) -> grad_coarse
+# argmax(coarse, geometry, dtype) -> labels
 
-def _native_forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel, ops=torch.ops.fcn_fast):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return ops._upsample_cross_entropy_fwd(
-        coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
-        per_pixel)
-
-
-def _native_backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing,
-                     ops=torch.ops.fcn_fast):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return ops._upsample_cross_entropy_bwd(
-        grad_pixel, coarse, target, weight, lse, rows.index, rows.weight, rows.readers, cols.index, cols.weight,
-        cols.readers, ignore_index, label_smoothing)
+class _Reference(Kernels):
+    forward = staticmethod(_reference_forward)
+    backward = staticmethod(_reference_backward)
+    argmax = staticmethod(_reference_argmax)
 
 
-def _native_argmax(coarse, geometry, dtype, ops=torch.ops.fcn_fast):
-    rows, cols = geometry.taps(coarse.device, coarse.dtype)
-    return ops._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
+class _Native(Kernels):
+    def forward(self, coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_cross_entropy_fwd(
+            coarse, target, weight, rows.index, rows.weight, cols.index, cols.weight, ignore_index, label_smoothing,
+            per_pixel)
+
+    def backward(self, grad_pixel, coarse, target, weight, lse, geometry, ignore_index, label_smoothing):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_cross_entropy_bwd(
+            grad_pixel, coarse, target, weight, lse, rows.index, rows.weight, rows.readers, cols.index, cols.weight,
+            cols.readers, ignore_index, label_smoothing)
+
+    def argmax(self, coarse, geometry, dtype):
+        rows, cols = geometry.taps(coarse.device, coarse.dtype)
+        return self.ops._upsample_argmax(coarse, rows.index, rows.weight, cols.index, cols.weight, dtype)
 
 
-def _triton_forward(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.forward(*args)
+class _Triton(Kernels):
+    module = "fcn_fast.ops.triton_upsample_cross_entropy"
 
 
-def _triton_backward(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.backward(*args)
-
-
-def _triton_argmax(*args):
-    from fcn_fast.ops import triton_upsample_cross_entropy
-
-    return triton_upsample_cross_entropy.argmax(*args)
-
-
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward, "triton": _triton_forward,
-            "cuda_emulated": _emulator.entry(_native_forward)}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward, "cuda_emulated": _emulator.entry(_native_backward)}
-_ARGMAX = {"reference": _reference_argmax, "cpu": _native_argmax, "cuda": _native_argmax, "triton": _triton_argmax,
-           "cuda_emulated": _emulator.entry(_native_argmax)}
+KERNELS = OpKernels(OP, reference=_Reference, cpu=_Native, cuda=_Native, triton=_Triton)
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------------
@@ -150,18 +137,18 @@ def _upsample_cross_entropy_impl(coarse: torch.Tensor, target: torch.Tensor, wei
                                  factor: int, mode: str, offset_y: int, offset_x: int, align_corners: bool,
                                  ignore_index: int, reduction: str, label_smoothing: float, check_targets: bool,
                                  backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, lse, denom): the reduced loss, the per-pixel log-sum-exp backward needs and the summed weight
-    of the counted pixels (the "mean" divisor)."""
+    """Returns (loss, lse, denom): the reduced loss, the per-pixel softmax statistics backward needs
+    (_ce_common.stats_shape) and the summed weight of the counted pixels (the "mean" divisor)."""
     # The label check reads the values, so it runs here, inside the opaque op, still before any kernel: under
     # torch.compile(fullgraph=True) too, where a data-dependent branch in the public function would break the graph.
     if check_targets:
         _ce_common.check_targets(OP, target, coarse.shape[1], ignore_index)
     geometry = _unpack(coarse, target.shape[1], target.shape[2], factor, mode, offset_y, offset_x, align_corners)
-    # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be two thirds of
-    # the forward's memory (the log-sum-exp, one float per pixel, is all that backward keeps).
-    loss, denom, lse = _FORWARD[backend](coarse.contiguous(), target.contiguous(), weight, geometry, ignore_index,
-                                         label_smoothing, reduction == "none")
-    denom_total = denom.sum()
+    # A reduced loss asks the kernels for partial sums: per-pixel loss and weight buffers would be half of the
+    # forward's memory (the softmax statistics, two floats per pixel, are all that backward keeps).
+    loss, denom, lse = KERNELS[backend].forward(coarse.contiguous(), target.contiguous(), weight, geometry,
+                                                ignore_index, label_smoothing, reduction == "none")
+    denom_total = _ce_common.sum_in_fixed_order(denom)
     reduced = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     return reduced.to(coarse.dtype), lse, denom_total
 
@@ -173,9 +160,12 @@ _upsample_cross_entropy_op = torch.library.custom_op("fcn_fast::upsample_cross_e
 @_upsample_cross_entropy_op.register_fake
 def _(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, ignore_index, reduction,
       label_smoothing, check_targets, backend):
-    acc = _acc_dtype(coarse.dtype)
+    acc = acc_dtype(coarse.dtype)
     loss = coarse.new_empty(target.shape if reduction == "none" else ())
-    return loss, target.new_empty(target.shape, dtype=acc), coarse.new_empty((), dtype=acc)
+    return loss, target.new_empty(_ce_common.stats_shape(target.shape), dtype=acc), coarse.new_empty((), dtype=acc)
+
+
+_eager.register_per_sample_vmap(_upsample_cross_entropy_op)
 
 
 def _upsample_cross_entropy_backward_impl(grad: torch.Tensor, coarse: torch.Tensor, target: torch.Tensor,
@@ -188,8 +178,8 @@ def _upsample_cross_entropy_backward_impl(grad: torch.Tensor, coarse: torch.Tens
     grad_pixel = grad.to(lse.dtype)
     if reduction == "mean":
         grad_pixel = grad_pixel / denom
-    return _BACKWARD[backend](grad_pixel.contiguous(), coarse.contiguous(), target.contiguous(), weight, lse, geometry,
-                              ignore_index, label_smoothing)
+    return KERNELS[backend].backward(grad_pixel.contiguous(), coarse.contiguous(), target.contiguous(), weight, lse,
+                                     geometry, ignore_index, label_smoothing)
 
 
 _upsample_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::upsample_cross_entropy_backward",
@@ -200,6 +190,9 @@ _upsample_cross_entropy_backward_op = torch.library.custom_op("fcn_fast::upsampl
 def _(grad, coarse, target, weight, lse, denom, factor, mode, offset_y, offset_x, align_corners, ignore_index,
       reduction, label_smoothing, backend):
     return torch.empty_like(coarse, memory_format=torch.contiguous_format)
+
+
+_eager.register_per_sample_vmap(_upsample_cross_entropy_backward_op)
 
 
 def _setup_context(ctx, inputs, output):
@@ -214,11 +207,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-_upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(_upsample_cross_entropy_backward_op),
+_upsample_cross_entropy_op.register_autograd(_ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_op),
                                              setup_context=_setup_context)
 _UpsampleCrossEntropyFunction = _eager.autograd_function(
     "_UpsampleCrossEntropyFunction", _upsample_cross_entropy_impl, _setup_context,
-    _ce_common.make_loss_backward(_upsample_cross_entropy_backward_impl))
+    _ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_impl))
+_UpsampleCrossEntropyTransformFunction = _eager.transform_function(
+    "_UpsampleCrossEntropyTransformFunction", OP, _upsample_cross_entropy_op, _setup_context,
+    _ce_common.make_loss_backward(OP, _upsample_cross_entropy_backward_op))
 
 
 def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: int, out_w: int, offset_y: int,
@@ -226,7 +222,7 @@ def _upsample_argmax_impl(coarse: torch.Tensor, factor: int, mode: str, out_h: i
     geometry = _unpack(coarse, out_h, out_w, factor, mode, offset_y, offset_x, align_corners)
     if coarse.shape[0] == 0:
         return coarse.new_empty((0, out_h, out_w), dtype=dtype)
-    return _ARGMAX[backend](coarse.contiguous(), geometry, dtype)
+    return KERNELS[backend].argmax(coarse.contiguous(), geometry, dtype)
 
 
 _upsample_argmax_op = torch.library.custom_op("fcn_fast::upsample_argmax", mutates_args=())(_upsample_argmax_impl)
@@ -235,6 +231,9 @@ _upsample_argmax_op = torch.library.custom_op("fcn_fast::upsample_argmax", mutat
 @_upsample_argmax_op.register_fake
 def _(coarse, factor, mode, out_h, out_w, offset_y, offset_x, align_corners, dtype, backend):
     return coarse.new_empty((coarse.shape[0], out_h, out_w), dtype=dtype)
+
+
+_eager.register_per_sample_vmap(_upsample_argmax_op)
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -265,19 +264,22 @@ def upsample_cross_entropy(coarse: torch.Tensor, target: torch.Tensor, *, factor
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (see ``fcn_fast.use_backend``).
 
     Returns:
-        The loss in coarse's dtype (accumulated in float32, float64 for float64). Differentiable in ``coarse`` only;
-        backward is a deterministic gather straight into grad_coarse. Memory: besides the inputs, three float32
-        (N, H, W) buffers in forward (one, the log-sum-exp, kept for backward); never anything of size N*C*H*W
-        (except on the reference backend, which is the plain composition).
+        The loss in coarse's dtype (accumulated in float32, float64 for float64; float32 inside autocast, as
+        ``F.cross_entropy``). Differentiable in ``coarse`` only (torch.func.grad and vmap too; not twice);
+        backward is a deterministic gather straight into grad_coarse. Memory: besides the inputs, the softmax
+        statistics (two float32 (N, H, W) planes, kept for backward) and for reduction="none" the per-pixel loss and
+        weight (two more); never anything of size N*C*H*W (except on the reference backend, which is the plain
+        composition).
     """
     geometry, weight = _validate(coarse, target, factor, mode, offset, align_corners, weight, ignore_index, reduction,
-                                 label_smoothing)
+                                 label_smoothing, check_targets)
+    coarse = _eager.autocast_float32(coarse)
     name = _backends.resolve_backend(backend, coarse.device, OP)
-    run = (_UpsampleCrossEntropyFunction.apply if _eager.takes_eager_path(coarse, target, weight)
-           else _upsample_cross_entropy_op)
+    run = _eager.runner(_UpsampleCrossEntropyFunction.apply, _UpsampleCrossEntropyTransformFunction.apply,
+                        _upsample_cross_entropy_op, coarse, target, weight)
     loss, _, _ = run(
         coarse, target, weight, geometry.factor, geometry.mode, geometry.offset[0], geometry.offset[1],
-        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), bool(check_targets), name)
+        geometry.align_corners, int(ignore_index), reduction, float(label_smoothing), check_targets, name)
     return loss
 
 
@@ -305,7 +307,7 @@ def upsample_argmax(coarse: torch.Tensor, *, factor: int, mode: str = "deconv", 
         raise ValueError(f"{ARGMAX_OP}: dtype=torch.uint8 holds at most 256 classes, coarse has {describe(coarse)}")
     if out_size is None:
         raise ValueError(f"{ARGMAX_OP}: out_size (H, W) is required")
-    geometry = _geometry(coarse, factor, mode, out_size, offset, align_corners, op=ARGMAX_OP)
+    geometry = Geometry.checked(ARGMAX_OP, coarse, factor, mode, out_size, offset, align_corners)
     name = _backends.resolve_backend(backend, coarse.device, ARGMAX_OP)
     # No autograd here: the eager path is the implementation itself.
     run = _upsample_argmax_impl if _eager.takes_eager_path(coarse) else _upsample_argmax_op

@@ -7,8 +7,9 @@
 // softmax would pay two.
 // Other layouts (channels-last, (N, C) class scores) take the per-pixel path: one online softmax (softmax_ce.h) per
 // pixel over its C strided logits.
-// Forward writes per pixel the loss, its weight in the "mean" denominator and the log-sum-exp (the one float backward
-// keeps); backward recomputes p = exp(z - lse) and writes the gradient, again one exp per logit.
+// Forward writes per pixel the loss, its weight in the "mean" denominator and the softmax statistics backward keeps
+// (max logit m and L = log sum exp(z - m), softmax_ce.h); backward recomputes p = exp(z - m) e^-L and writes the
+// gradient, again one exp per logit.
 // A reduced loss (_softmax_cross_entropy_fwd_sums) comes back as one partial sum per task, and, in a training step
 // (the incoming gradient known up front), with the gradient: the exp-sum sweep keeps exp(z - max) in the block
 // buffer and a third sweep writes the gradient from it, so each logit costs one exp and one read in all.
@@ -67,11 +68,19 @@ struct FusedGrad {
   acc_t g;
 };
 
+// Where the forward kernels write the softmax statistics (softmax_ce.h): max[i] and log_sum[i] for pixel i = n * S + p,
+// the two planes of a (2, N, S) tensor; max == nullptr: not saved.
+template <typename acc_t>
+struct StatsOut {
+  acc_t* max;
+  acc_t* log_sum;
+};
+
 // per_pixel: loss and denom per pixel; otherwise loss[task] is the summed loss of the task's pixels (in pixel order)
 // and denom is not written. With grad.data, also the gradient.
 template <typename scalar_t, typename target_t, typename acc_t>
 void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
-                    bool per_pixel, acc_t* loss, acc_t* denom, acc_t* lse_out, FusedGrad<scalar_t, acc_t> grad) {
+                    bool per_pixel, acc_t* loss, acc_t* denom, StatsOut<acc_t> stats, FusedGrad<scalar_t, acc_t> grad) {
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   const bool smoothing = cfg.smoothing != acc_t(0);
   const bool with_grad = grad.data != nullptr;
@@ -80,7 +89,9 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
     // stride is a large power of two at 512x512), so re-reading them in place for the second sweep would miss.
     // With the gradient, the second sweep overwrites them with exp(z - max) for the third.
     std::vector<acc_t> block(static_cast<size_t>(L.c * kBlock));
-    acc_t row_max[kBlock], row_sum[kBlock], weighted_sum[kBlock], target_logit[kBlock];
+    // Per pixel, relative to its max logit (softmax_ce.h): the max, the exp-sum and then its log, z_t - max and
+    // sum_c w_c (z_c - max).
+    acc_t row_max[kBlock], row_sum[kBlock], log_sum[kBlock], weighted_shifted[kBlock], target_shifted[kBlock];
     acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock];
     int32_t label[kBlock];
     for (int64_t task = begin; task < end; ++task) {
@@ -90,7 +101,7 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
       for (int64_t p = 0; p < len; ++p) {
         row_max[p] = -std::numeric_limits<acc_t>::infinity();
         row_sum[p] = 0;
-        weighted_sum[p] = 0;
+        weighted_shifted[p] = 0;
       }
       for (int64_t c = 0; c < L.c; ++c) {
         const scalar_t* row = base + c * L.logit_c;
@@ -106,14 +117,14 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
         const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
         const bool ignored = ce_is_ignored(cfg, t);
         label[p] = ignored ? -1 : static_cast<int32_t>(t);
-        target_logit[p] = ignored ? acc_t(0) : block[t * kBlock + p];
+        target_shifted[p] = ignored ? acc_t(0) : block[t * kBlock + p] - row_max[p];
       }
       for (int64_t c = 0; c < L.c; ++c) {
         acc_t* z = block.data() + c * kBlock;
         if (smoothing) {
           const acc_t w = ce_class_weight(cfg, c);
 #pragma omp simd
-          for (int64_t p = 0; p < len; ++p) weighted_sum[p] += w * z[p];
+          for (int64_t p = 0; p < len; ++p) weighted_shifted[p] += w * (z[p] - row_max[p]);
         }
         if (with_grad) {
 #pragma omp simd
@@ -126,13 +137,17 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
           for (int64_t p = 0; p < len; ++p) row_sum[p] += vector_exp(z[p] - row_max[p]);
         }
       }
-      const int64_t out = n * L.s + p0;
-      acc_t* lse = lse_out + out;
 #pragma omp simd
-      for (int64_t p = 0; p < len; ++p) lse[p] = row_max[p] + vector_log(row_sum[p]);
+      for (int64_t p = 0; p < len; ++p) log_sum[p] = vector_log(row_sum[p]);
+      const int64_t out = n * L.s + p0;
+      if (stats.max != nullptr) {
+        std::copy(row_max, row_max + len, stats.max + out);
+        std::copy(log_sum, log_sum + len, stats.log_sum + out);
+      }
       if (per_pixel) {
         for (int64_t p = 0; p < len; ++p) {
-          ce_pixel_loss(cfg, label[p], lse[p], target_logit[p], weighted_sum[p], &loss[out + p], &denom[out + p]);
+          const CePixelStats<acc_t> pixel{row_max[p], log_sum[p], target_shifted[p], weighted_shifted[p]};
+          ce_pixel_loss(cfg, label[p], pixel, &loss[out + p], &denom[out + p]);
         }
       } else {
         // One loop of selects for the loss sum (a vector reduction: a fixed order all the same) and the gradient's
@@ -142,7 +157,7 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
         for (int64_t p = 0; p < len; ++p) {
           const bool ignored = label[p] < 0;
           const acc_t wt = ce_class_weight(cfg, ignored ? 0 : label[p]);
-          loss_sum += ignored ? acc_t(0) : ce_counted_loss(cfg, wt, lse[p], target_logit[p], weighted_sum[p]);
+          loss_sum += ignored ? acc_t(0) : ce_counted_loss(cfg, wt, log_sum[p], target_shifted[p], weighted_shifted[p]);
           if (with_grad) {
             const CeGradCoef<acc_t> k = ce_grad_coef(cfg, label[p], grad.g);
             prob_scale[p] = k.prob_scale / row_sum[p];  // p_c = exp(z_c - max) / sum
@@ -181,38 +196,63 @@ void forward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* t
 
 template <typename scalar_t, typename target_t, typename acc_t>
 void forward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const CeConfig<acc_t>& cfg,
-                    acc_t* loss, acc_t* denom, acc_t* lse_out) {
+                    acc_t* loss, acc_t* denom, StatsOut<acc_t> stats) {
   at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / L.s, p = i % L.s;
       const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
       const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
-      CeAccumulator<acc_t> acc;
-      for (int64_t c = 0; c < L.c; ++c) acc.add(cfg, c, static_cast<acc_t>(z[c * L.logit_c]), t);
-      ce_pixel_loss(cfg, t, acc.lse(), acc.target_logit, acc.weighted_logit_sum, &loss[i], &denom[i]);
-      lse_out[i] = acc.lse();
+      const CePixelStats<acc_t> pixel =
+          ce_pixel_stats(cfg, t, [&](int64_t c) { return static_cast<acc_t>(z[c * L.logit_c]); });
+      ce_pixel_loss(cfg, t, pixel, &loss[i], &denom[i]);
+      if (stats.max != nullptr) {
+        stats.max[i] = pixel.max;
+        stats.log_sum[i] = pixel.log_sum;
+      }
     }
   });
 }
 
+// The forward's statistics (m, L) of pixel i, read as the two planes of the (2, N, S) tensor `stats` points to.
+template <typename acc_t>
+struct StatsIn {
+  const acc_t* max;
+  const acc_t* log_sum;
+};
+
+template <typename acc_t>
+StatsIn<acc_t> stats_in(const at::Tensor& stats) {
+  const acc_t* data = stats.data_ptr<acc_t>();
+  return {data, data + stats.numel() / 2};
+}
+
+template <typename acc_t>
+StatsOut<acc_t> stats_out(at::Tensor& stats) {
+  if (stats.numel() == 0) return {nullptr, nullptr};
+  acc_t* data = stats.data_ptr<acc_t>();
+  return {data, data + stats.numel() / 2};
+}
+
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* target, StatsIn<acc_t> stats,
                      const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
                      int64_t dn, int64_t dc) {
   const int64_t blocks = (L.s + kBlock - 1) / kBlock;
   at::parallel_for(0, L.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock], pixel_lse[kBlock], widened[kBlock];
+    acc_t prob_scale[kBlock], target_scale[kBlock], smooth_scale[kBlock], pixel_max[kBlock], widened[kBlock];
     int32_t label[kBlock];  // int32: half the vector compares of int64 in the class loop
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, p0 = (task % blocks) * kBlock;
       const int64_t len = std::min(kBlock, L.s - p0);
       for (int64_t p = 0; p < len; ++p) {
         const int64_t t = static_cast<int64_t>(target[n * L.target_n + (p0 + p) * L.target_s]);
-        const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + (p0 + p) * gs]);
+        const int64_t i = n * L.s + p0 + p;
+        // p_c = exp(z_c - max) * e^-L: the e^-L goes into prob_scale here, once per pixel.
+        const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + (p0 + p) * gs], stats.log_sum[i]);
         prob_scale[p] = k.prob_scale;
         target_scale[p] = k.target_scale;
         smooth_scale[p] = k.smooth_scale;
-        pixel_lse[p] = lse[n * L.s + p0 + p];
+        pixel_max[p] = stats.max[i];
         label[p] = ce_is_ignored(cfg, t) ? -1 : static_cast<int32_t>(t);
       }
       const scalar_t* base = logits + n * L.logit_n + p0;
@@ -226,9 +266,9 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
 #pragma omp simd
           for (int64_t p = 0; p < len; ++p) {
-            const acc_t prob = vector_exp(row[p] - pixel_lse[p]);
+            const acc_t e = vector_exp(row[p] - pixel_max[p]);
             const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
-            out_row[p] = k.grad(prob, label[p] == cls, w);
+            out_row[p] = k.grad(e, label[p] == cls, w);
           }
         } else {
           // Half/bfloat16: widen, compute and narrow in three loops, each of which vectorizes (one loop with the
@@ -237,9 +277,9 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
           for (int64_t p = 0; p < len; ++p) widened[p] = widen(row[p]);
 #pragma omp simd
           for (int64_t p = 0; p < len; ++p) {
-            const acc_t prob = vector_exp(widened[p] - pixel_lse[p]);
+            const acc_t e = vector_exp(widened[p] - pixel_max[p]);
             const CeGradCoef<acc_t> k{prob_scale[p], target_scale[p], smooth_scale[p]};
-            widened[p] = k.grad(prob, label[p] == cls, w);
+            widened[p] = k.grad(e, label[p] == cls, w);
           }
 #pragma omp simd
           for (int64_t p = 0; p < len; ++p) out_row[p] = narrow<scalar_t>(widened[p]);
@@ -250,19 +290,20 @@ void backward_blocks(const CeLayout& L, const scalar_t* logits, const target_t* 
 }
 
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, const acc_t* lse,
+void backward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* target, StatsIn<acc_t> stats,
                      const acc_t* grad_loss, int64_t gn, int64_t gs, const CeConfig<acc_t>& cfg, scalar_t* grad,
                      int64_t dn, int64_t dc, int64_t ds) {
   at::parallel_for(0, L.n * L.s, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / L.s, p = i % L.s;
       const int64_t t = static_cast<int64_t>(target[n * L.target_n + p * L.target_s]);
-      const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs]);
+      const CeGradCoef<acc_t> k = ce_grad_coef(cfg, t, grad_loss[n * gn + p * gs], stats.log_sum[i]);
+      const acc_t max = stats.max[i];
       const scalar_t* z = logits + n * L.logit_n + p * L.logit_s;
       scalar_t* out = grad + n * dn + p * ds;
       for (int64_t c = 0; c < L.c; ++c) {
-        const acc_t prob = std::exp(static_cast<acc_t>(z[c * L.logit_c]) - lse[i]);
-        out[c * dc] = static_cast<scalar_t>(k.grad(prob, c == t, ce_class_weight(cfg, c)));
+        const acc_t e = std::exp(static_cast<acc_t>(z[c * L.logit_c]) - max);
+        out[c * dc] = static_cast<scalar_t>(k.grad(e, c == t, ce_class_weight(cfg, c)));
       }
     }
   });
@@ -289,9 +330,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
       const label_t* t = target.data_ptr<label_t>();
       if (L.logit_s == 1 && L.s > 1) {  // (N, C) scores (S = 1) go per sample, over contiguous classes
         forward_blocks(L, z, t, cfg, /*per_pixel=*/true, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
-                       lse.data_ptr<acc>(), FusedGrad<logit_t, acc>{nullptr, 0, 0, acc(0)});
+                       stats_out<acc>(lse), FusedGrad<logit_t, acc>{nullptr, 0, 0, acc(0)});
       } else {
-        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), stats_out<acc>(lse));
       }
     });
   });
@@ -303,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
 // A reduced loss: (loss partial sums, lse, grad_logits). With pixel_grad (the gradient of every pixel's loss: 1 for
 // "sum", 1 / denominator for "mean") the gradient comes in the same sweeps, else grad_logits is empty. Contiguous
 // pixels take forward_blocks, one partial sum per task; other layouts run the per-pixel forward (and backward), a
-// "partial sum" per pixel.
+// "partial sum" per pixel. lse comes back empty: every backward of a reduced CPU loss reruns this kernel (the
+// softmax statistics are needed only inside it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_sums_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
     double smoothing, c10::optional<double> pixel_grad) {
@@ -314,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_sums_cp
   const int64_t pixel_shape[] = {L.n, L.s};
   const int64_t sums[] = {blocks ? L.n * ((L.s + kBlock - 1) / kBlock) : L.n * L.s};
   at::Tensor loss, denom, lse;
-  std::tie(loss, denom, lse) = ce_pixel_outputs(pixel_shape, sums, logits);
+  std::tie(loss, denom, lse) = ce_pixel_outputs(pixel_shape, sums, logits, /*save_stats=*/false);
   if (L.n * L.s == 0) return {loss, lse, grad};
   FCN_DISPATCH_FLOATING(logits.scalar_type(), "softmax_cross_entropy_fwd_sums_cpu", [&] {
     using logit_t = scalar_t;
@@ -330,11 +372,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_sums_cp
             pixel_grad.has_value() ? FusedGrad<logit_t, acc>{grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1), g}
                                    : FusedGrad<logit_t, acc>{nullptr, 0, 0, g};
         forward_blocks(L, z, t, cfg, /*per_pixel=*/false, loss.data_ptr<acc>(), static_cast<acc*>(nullptr),
-                       lse.data_ptr<acc>(), fused_grad);
+                       StatsOut<acc>{nullptr, nullptr}, fused_grad);
       } else {
-        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), lse.data_ptr<acc>());
+        at::Tensor stats = at::empty(pixel_grad.has_value() ? ce_stats_shape(pixel_shape) : std::vector<int64_t>{0},
+                                     loss.options());
+        forward_pixels(L, z, t, cfg, loss.data_ptr<acc>(), denom.data_ptr<acc>(), stats_out<acc>(stats));
         if (pixel_grad.has_value()) {
-          backward_pixels(L, z, t, lse.data_ptr<acc>(), &g, 0, 0, cfg, grad.data_ptr<logit_t>(), grad.stride(0),
+          backward_pixels(L, z, t, stats_in<acc>(stats), &g, 0, 0, cfg, grad.data_ptr<logit_t>(), grad.stride(0),
                           grad.stride(1), grad.stride(2));
         }
       }
@@ -362,10 +406,10 @@ at::Tensor softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::
       const label_t* t = target.data_ptr<label_t>();
       const acc* g = grad_loss.data_ptr<acc>();
       if (L.logit_s == 1 && grad.stride(2) == 1 && L.s > 1) {
-        backward_blocks(L, z, t, lse.data_ptr<acc>(), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
+        backward_blocks(L, z, t, stats_in<acc>(lse), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
                         grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1));
       } else {
-        backward_pixels(L, z, t, lse.data_ptr<acc>(), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
+        backward_pixels(L, z, t, stats_in<acc>(lse), g, grad_loss.stride(0), grad_loss.stride(1), cfg,
                         grad.data_ptr<logit_t>(), grad.stride(0), grad.stride(1), grad.stride(2));
       }
     });

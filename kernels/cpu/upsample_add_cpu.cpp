@@ -91,6 +91,7 @@ void grad_x_kernel(const at::Tensor& grad, const Readers<acc_t<scalar_t>>& rows,
           for (int64_t ox = 0; ox < out_w; ++ox) v[ox] += w * static_cast<acc>(g_row[ox]);
         }
       }
+      add_zero_twin_rows(rows, iy, g_plane, out_w, v);
       fold_columns(cols, v, in_w, gx + r * in_w);
     }
   });

@@ -6,7 +6,7 @@
 // N*C*H*W exists: the scratch is C rows of the output width per thread.
 //
 // Backward: each task owns a band of coarse rows of one image and walks the output rows that read them, recomputing
-// each logit row exactly as forward did (same arithmetic, so exp(z - lse) is the softmax forward saw), turning it
+// each logit row exactly as forward did (same arithmetic, so exp(z - max) e^-L is the softmax forward saw), turning it
 // into dloss/dz and adding it, weighted, into a full-width row buffer per owned coarse row (the rows half of the
 // adjoint); when the band is done each buffer row is folded over the column readers into grad_coarse. A task adds
 // only into rows it owns and walks them in a fixed order: no atomics, bitwise deterministic (and independent of the
@@ -87,7 +87,9 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
   const label_t* labels = target.data_ptr<label_t>();
   acc* loss_p = loss.data_ptr<acc>();
   acc* denom_p = denom.data_ptr<acc>();
-  acc* lse_p = lse.data_ptr<acc>();
+  // The softmax statistics (softmax_ce.h): planes of each pixel's max logit and log sum exp(z - max).
+  acc* max_p = lse.data_ptr<acc>();
+  acc* log_sum_p = max_p + lse.numel() / 2;
   // Per thread: two resampled coarse rows and the logits of one output row (C rows of out_w each), then the max,
   // sum and weighted-sum rows.
   at::Tensor scratch = allocate_thread_scratch(3 * classes * out_w + 3 * out_w, lse.scalar_type());
@@ -105,7 +107,8 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
       const acc* h0 = resampled.row(image, n, y0, y1);
       const acc* h1 = resampled.row(image, n, y1, y0);
       blend_logit_rows<scalar_t>(h0, h1, geo.rows.w0[oy], geo.rows.w1[oy], classes, out_w, z);
-      // Softmax statistics for the whole row, class by class, so the loops over ox vectorize.
+      // Softmax statistics for the whole row, class by class, so the loops over ox vectorize; all relative to each
+      // pixel's max (softmax_ce.h).
       std::fill(max, max + out_w, -std::numeric_limits<acc>::infinity());
       std::fill(sum, sum + out_w, acc(0));
       std::fill(weighted, weighted + out_w, acc(0));
@@ -125,20 +128,22 @@ void forward_impl(const at::Tensor& coarse, const at::Tensor& target, const CeCo
           const acc* zc = z + c * out_w;
           const acc wc = ce_class_weight(cfg, c);
 #pragma omp simd
-          for (int64_t ox = 0; ox < out_w; ++ox) weighted[ox] += wc * zc[ox];
+          for (int64_t ox = 0; ox < out_w; ++ox) weighted[ox] += wc * (zc[ox] - max[ox]);
         }
       }
       const int64_t base = row * out_w;
-      acc* row_lse = lse_p + base;
+      acc* row_log_sum = log_sum_p + base;
 #pragma omp simd
-      for (int64_t ox = 0; ox < out_w; ++ox) row_lse[ox] = max[ox] + vector_log(sum[ox]);
+      for (int64_t ox = 0; ox < out_w; ++ox) row_log_sum[ox] = vector_log(sum[ox]);
+      std::copy(max, max + out_w, max_p + base);
       // Per pixel, or summed over the row in ox order (a fixed order: the total is the same on every run).
       acc row_loss = 0, row_denom = 0;
       for (int64_t ox = 0; ox < out_w; ++ox) {
         const int64_t t = static_cast<int64_t>(labels[base + ox]);
-        const acc target_logit = ce_is_ignored(cfg, t) ? acc(0) : z[t * out_w + ox];
+        const acc target_shifted = ce_is_ignored(cfg, t) ? acc(0) : z[t * out_w + ox] - max[ox];
         acc pixel_loss, pixel_denom;
-        ce_pixel_loss(cfg, t, row_lse[ox], target_logit, weighted[ox], &pixel_loss, &pixel_denom);
+        ce_pixel_loss(cfg, t, CePixelStats<acc>{max[ox], row_log_sum[ox], target_shifted, weighted[ox]}, &pixel_loss,
+                      &pixel_denom);
         if (per_pixel) {
           loss_p[base + ox] = pixel_loss;
           denom_p[base + ox] = pixel_denom;
@@ -190,7 +195,8 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
   const int64_t in_h = geo.in_h, in_w = geo.in_w, out_w = geo.out_w, plane_size = in_h * in_w;
   const scalar_t* x = coarse.data_ptr<scalar_t>();
   const label_t* labels = target.data_ptr<label_t>();
-  const acc* lse_p = lse.data_ptr<acc>();
+  const acc* max_p = lse.data_ptr<acc>();  // the forward's softmax statistics, two planes (softmax_ce.h)
+  const acc* log_sum_p = max_p + lse.numel() / 2;
   const acc* grad_p = grad_pixel.data_ptr<acc>();
   const bool per_pixel = grad_pixel.numel() != 1;
   scalar_t* out = grad_coarse.data_ptr<scalar_t>();
@@ -207,7 +213,7 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
   const int64_t bands = (in_h + band_rows - 1) / band_rows;
 
   // Per thread: two resampled coarse rows (C x out_w each), the band's row-adjoint buffer (C x band_rows x out_w),
-  // then six per-pixel rows of out_w (dz, scale, target_term, smooth, lse, labels as acc-sized ints).
+  // then six per-pixel rows of out_w (dz, scale, target_term, smooth, max, labels as acc-sized ints).
   const int64_t band_size = classes * band_rows * out_w;
   at::Tensor scratch = allocate_thread_scratch(2 * classes * out_w + band_size + 6 * out_w, lse.scalar_type());
   at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
@@ -217,8 +223,8 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
     acc* scale = dz + out_w;
     acc* target_term = scale + out_w;
     acc* smooth = target_term + out_w;
-    acc* pixel_lse = smooth + out_w;
-    int32_t* label_row = reinterpret_cast<int32_t*>(pixel_lse + out_w);  // acc is at least 4 bytes
+    acc* pixel_max = smooth + out_w;
+    int32_t* label_row = reinterpret_cast<int32_t*>(pixel_max + out_w);  // acc is at least 4 bytes
     ResampledRows<scalar_t, acc> resampled(geo.cols, in_w, plane_size, classes, slots);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands, first = (task % bands) * band_rows;
@@ -235,24 +241,29 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
       }
       for (int64_t oy = oy_begin; oy < oy_end; ++oy) {
         const int64_t base = (n * geo.out_h + oy) * out_w;
-        // dloss/dz_c = p_c * scale - target_term [c == t] - smooth * w_c (softmax_ce.h), each scaled by the pixel's
-        // incoming gradient; the per-pixel factors are hoisted out of the class loop. Ignored pixels: all 0.
+        // dloss/dz_c = exp(z_c - max) * scale - target_term [c == t] - smooth * w_c (softmax_ce.h), each scaled by
+        // the pixel's incoming gradient; the per-pixel factors are hoisted out of the class loop. Ignored pixels: 0.
         for (int64_t ox = 0; ox < out_w; ++ox) {
           const int64_t t = static_cast<int64_t>(labels[base + ox]);
-          const CeGradCoef<acc> k = ce_grad_coef(cfg, t, per_pixel ? grad_p[base + ox] : grad_p[0]);
+          const CeGradCoef<acc> k =
+              ce_grad_coef(cfg, t, per_pixel ? grad_p[base + ox] : grad_p[0], log_sum_p[base + ox]);
           label_row[ox] = ce_is_ignored(cfg, t) ? -1 : static_cast<int32_t>(t);
           scale[ox] = k.prob_scale;
           target_term[ox] = k.target_scale;
           smooth[ox] = k.smooth_scale;
-          pixel_lse[ox] = lse_p[base + ox];
+          pixel_max[ox] = max_p[base + ox];
         }
         const int64_t y0 = geo.rows.i0[oy], y1 = geo.rows.i1[oy];
         const acc wy0 = geo.rows.w0[oy], wy1 = geo.rows.w1[oy];
         const acc* h0 = resampled.row(image, n, y0, y1);
         const acc* h1 = resampled.row(image, n, y1, y0);
-        // The owned coarse rows this output row feeds, and with what weight (a missing tap weighs 0).
-        const bool feeds0 = wy0 != acc(0) && y0 >= first && y0 < last;
-        const bool feeds1 = wy1 != acc(0) && y1 >= first && y1 < last;
+        // The owned coarse rows this output row feeds, and with what weight: tap_weight of bilinear.h (both taps
+        // on one row add up). A weight-0 tap feeds its 0 * dz too, as PyTorch's upsample_bilinear2d backward does
+        // (NaN for a NaN or infinite dz).
+        const acc w_first = y1 == y0 ? wy0 + wy1 : wy0;
+        const bool feeds0 = y0 >= first && y0 < last;
+        const bool feeds1 = y1 != y0 && y1 >= first && y1 < last;
+        const bool zero_twin = feeds0 && y1 == y0 && (wy0 == acc(0) || wy1 == acc(0));  // tap_zero_twin
         for (int64_t c = 0; c < classes; ++c) {
           const acc* a = h0 + c * out_w;
           const acc* b = h1 + c * out_w;
@@ -261,15 +272,18 @@ void backward_impl(const at::Tensor& grad_pixel, const at::Tensor& coarse, const
 #pragma omp simd
           for (int64_t ox = 0; ox < out_w; ++ox) {
             const acc z = widen(narrow<scalar_t>(blend_rows(wy0, a[ox], wy1, b[ox])));
-            const acc p = vector_exp(z - pixel_lse[ox]);
-            const acc d = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == cls ? target_term[ox] : acc(0));
-            dz[ox] = label_row[ox] < 0 ? acc(0) : d;
+            const acc p = vector_exp(z - pixel_max[ox]);
+            // An ignored pixel's coefficients are 0: p * 0, NaN where its logits hold NaN/+inf, as in PyTorch.
+            dz[ox] = p * scale[ox] - smooth[ox] * wc - (label_row[ox] == cls ? target_term[ox] : acc(0));
           }
           acc* plane = band + c * owned * out_w;
           if (feeds0) {
             acc* dst = plane + (y0 - first) * out_w;
 #pragma omp simd
-            for (int64_t ox = 0; ox < out_w; ++ox) dst[ox] += wy0 * dz[ox];
+            for (int64_t ox = 0; ox < out_w; ++ox) dst[ox] += w_first * dz[ox];
+            if (zero_twin) {
+              for (int64_t ox = 0; ox < out_w; ++ox) dst[ox] += acc(0) * dz[ox];
+            }
           }
           if (feeds1) {
             acc* dst = plane + (y1 - first) * out_w;

@@ -5,9 +5,10 @@
 // element, the column taps of a thread loaded once for all its rows, the row taps once per row.
 // grad_x: a block per (plane, input row, tile of input columns) sums the output rows that read its row into a
 // shared-memory row, lanes along W, then folds the columns from shared memory (cuda_block.h): coalesced, no atomics,
-// a fixed summation order, bitwise reproducible. docs/cuda-kernels.md counts the bytes and instructions. The tap
-// tables come from fcn_fast/ops/_resample.py; their shapes and dtypes are checked here, their values are clamped where
-// read (bilinear.h).
+// a fixed summation order, bitwise reproducible. Each tap's share is added on its own, weight 0 included
+// (tap_adjoint): an infinite or NaN gradient reaches the inputs as PyTorch's adjoint sends it. docs/cuda-kernels.md
+// counts the bytes and instructions. The tap tables come from fcn_fast/ops/_resample.py; their shapes and dtypes are
+// checked here, their values are clamped where read (bilinear.h).
 #include <torch/library.h>
 
 #include <tuple>
@@ -73,16 +74,15 @@ __global__ void grad_x_kernel(const scalar_t* __restrict__ grad, scalar_t* __res
           acc sums[kColumnsPerThread];
           for (int j = 0; j < kColumnsPerThread; ++j) sums[j] = 0;
           for (int64_t oy = rows.begin; oy < rows.end; ++oy) {
-            const acc wy = tap_weight(row_index, row_weight, oy, iy);
             const scalar_t* g_row = g + static_cast<index_t>(oy) * out_w;
             for (int j = 0; j < kColumnsPerThread; ++j) {
               const int64_t ox = chunk + t + j * cuda::kThreadsPerBlock;
-              if (ox < window.end) sums[j] += wy * static_cast<acc>(g_row[ox]);
+              if (ox < window.end) sums[j] += tap_adjoint(row_index, row_weight, oy, iy, static_cast<acc>(g_row[ox]));
             }
           }
           for (int j = 0; j < kColumnsPerThread; ++j) row_sum[cuda::padded(t + j * cuda::kThreadsPerBlock)] = sums[j];
           __syncthreads();
-          total = cuda::fold_chunk</*skip_zero=*/false>(total, row_sum, mine, chunk, col_index, col_weight, ix);
+          total = cuda::fold_chunk(total, row_sum, mine, chunk, col_index, col_weight, ix);
           __syncthreads();  // the fold has read the chunk before the next row pass overwrites it
         }
         if (ix < in_w) grad_x[(plane * in_h + iy) * in_w + ix] = static_cast<scalar_t>(total);

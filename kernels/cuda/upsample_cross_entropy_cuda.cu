@@ -3,12 +3,13 @@
 // Forward / argmax: 2-D grids (cuda::plane_grid: column tiles, output rows, images), threads along W; each thread
 // loads its column taps once and its row taps once per row, then interpolates its pixel's C logits from the 2x2
 // coarse taps of each class plane (sample_taps, bilinear.h; the coarse map is small and stays in L2) and streams them
-// through the shared per-pixel cross-entropy (CeAccumulator, softmax_ce.h) or argmax. A reduced loss writes one
+// through the shared per-pixel cross-entropy (ce_pixel_stats, softmax_ce.h) or argmax. A reduced loss writes one
 // (loss, denom) partial sum per block.
 // Backward, separable (docs/cuda-kernels.md): a column pass computes each (output pixel, class) term of the gradient
 // once, lanes along W, and folds it along W from shared memory into a buffer of (N, C, H, w) (f times smaller than
-// the upsampled logits); a row pass folds that along H into grad_coarse. Fixed summation orders, no atomics:
-// bitwise reproducible. Launch policy and index width: cuda_launch.h, cuda_block.h.
+// the upsampled logits); a row pass folds that along H into grad_coarse. Every tap is multiplied on its own, weight 0
+// included, as PyTorch's upsample backward does (tap_adjoint, bilinear.h: NaN for a NaN or infinite gradient). Fixed
+// summation orders, no atomics: bitwise reproducible. Launch policy and index width: cuda_launch.h, cuda_block.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -44,13 +45,14 @@ __device__ __forceinline__ acc_t upsampled_logit(const scalar_t* plane, const Up
 
 // per_pixel: loss and denom are per pixel; otherwise each block writes its sums to loss[b] and denom[b], b =
 // cuda::linear_block() (a reduced loss then needs no per-pixel buffers). Grid: cuda::plane_grid(out_w, out_h, N),
-// threads along W; a thread loads its column taps once, its row taps once per row.
+// threads along W; a thread loads its column taps once, its row taps once per row. lse_max, lse_log_sum: the two
+// planes of the softmax statistics (softmax_ce.h).
 template <typename scalar_t, typename label_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                const acc_t<scalar_t>* __restrict__ class_weight, UpsampleTaps<acc_t<scalar_t>> taps,
                                int64_t num_classes, int64_t ignore_index, acc_t<scalar_t> smoothing, index_t images,
                                bool per_pixel, acc_t<scalar_t>* __restrict__ loss, acc_t<scalar_t>* __restrict__ denom,
-                               acc_t<scalar_t>* __restrict__ lse) {
+                               acc_t<scalar_t>* __restrict__ lse_max, acc_t<scalar_t>* __restrict__ lse_log_sum) {
   using acc = acc_t<scalar_t>;
   const CeConfig<acc> cfg = make_ce_config<acc>(class_weight, num_classes, ignore_index, smoothing);
   const index_t plane_size = static_cast<index_t>(taps.in_h * taps.in_w);
@@ -68,14 +70,11 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
         const index_t p = (n * out_h + oy) * out_w + ox;
         const int64_t t = static_cast<int64_t>(target[p]);
         const scalar_t* planes = coarse + n * static_cast<index_t>(num_classes) * plane_size;
-        CeAccumulator<acc> a;
-        for (int64_t c = 0; c < num_classes; ++c) {
-          a.add(cfg, c, rounded_logit<scalar_t>(sample_taps(planes + static_cast<index_t>(c) * plane_size, taps.in_w,
-                                                              pixel)), t);
-        }
-        const acc pixel_lse = a.lse();
+        const CePixelStats<acc> stats = ce_pixel_stats(cfg, t, [&](int64_t c) {
+          return rounded_logit<scalar_t>(sample_taps(planes + static_cast<index_t>(c) * plane_size, taps.in_w, pixel));
+        });
         acc pixel_loss, pixel_denom;
-        ce_pixel_loss(cfg, t, pixel_lse, a.target_logit, a.weighted_logit_sum, &pixel_loss, &pixel_denom);
+        ce_pixel_loss(cfg, t, stats, &pixel_loss, &pixel_denom);
         if (per_pixel) {
           loss[p] = pixel_loss;
           denom[p] = pixel_denom;
@@ -83,7 +82,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
           thread_loss += pixel_loss;
           thread_denom += pixel_denom;
         }
-        lse[p] = pixel_lse;
+        lse_max[p] = stats.max;
+        lse_log_sum[p] = stats.log_sum;
       }
     }
   }
@@ -102,12 +102,14 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
 // Backward, column pass: partial[n, c, oy, ix] = sum over the output columns ox that read input column ix of
 // wx(ox, ix) * dloss/dz_c(oy, ox). A block per (image, output row, tile of input columns): lanes along W compute each
 // output pixel's term of class c once into a shared-memory chunk, then each thread folds its readers range
-// (cuda_block.h). Terms of weight 0 are left out (a NaN pixel gradient there does not spread).
+// (cuda_block.h).
 template <typename scalar_t, typename label_t, typename index_t>
 __global__ void backward_columns_kernel(const acc_t<scalar_t>* __restrict__ grad_pixel, bool per_pixel,
                                         const scalar_t* __restrict__ coarse, const label_t* __restrict__ target,
                                         const acc_t<scalar_t>* __restrict__ class_weight,
-                                        const acc_t<scalar_t>* __restrict__ lse, UpsampleTaps<acc_t<scalar_t>> taps,
+                                        const acc_t<scalar_t>* __restrict__ lse_max,
+                                        const acc_t<scalar_t>* __restrict__ lse_log_sum,
+                                        UpsampleTaps<acc_t<scalar_t>> taps,
                                         const int32_t* __restrict__ col_readers, int64_t num_classes,
                                         int64_t ignore_index, acc_t<scalar_t> smoothing, index_t images,
                                         acc_t<scalar_t>* __restrict__ partial) {
@@ -139,13 +141,12 @@ __global__ void backward_columns_kernel(const acc_t<scalar_t>* __restrict__ grad
                 const index_t q = row + ox;
                 const acc g = per_pixel ? grad_pixel[q] : grad_pixel[0];
                 term = ce_logit_grad(cfg, static_cast<int64_t>(target[q]), c, upsampled_logit(plane, taps, oy, ox),
-                                     lse[q], g);
+                                     lse_max[q], lse_log_sum[q], g);
               }
               terms[cuda::padded(j)] = term;
             }
             __syncthreads();
-            total = cuda::fold_chunk</*skip_zero=*/true>(total, terms, mine, chunk, taps.col_index, taps.col_weight,
-                                                          ix);
+            total = cuda::fold_chunk(total, terms, mine, chunk, taps.col_index, taps.col_weight, ix);
             __syncthreads();  // the fold has read the chunk before the next class or chunk overwrites it
           }
           if (ix < in_w) {
@@ -158,7 +159,7 @@ __global__ void backward_columns_kernel(const acc_t<scalar_t>* __restrict__ grad
 }
 
 // Backward, row pass: grad_coarse[n, c, iy, ix] = sum over the output rows oy that read input row iy, in increasing
-// oy, of wy(oy, iy) * partial[n, c, oy, ix]; lanes along W, weight-0 rows left out as above.
+// oy, of tap_adjoint(oy, iy, partial[n, c, oy, ix]); lanes along W.
 template <typename scalar_t, typename index_t>
 __global__ void backward_rows_kernel(const acc_t<scalar_t>* __restrict__ partial, UpsampleTaps<acc_t<scalar_t>> taps,
                                      const int32_t* __restrict__ row_readers, index_t planes,
@@ -176,9 +177,7 @@ __global__ void backward_rows_kernel(const acc_t<scalar_t>* __restrict__ partial
         const acc* column = partial + plane * out_h * in_w + ix;
         acc total = 0;
         for (int64_t oy = rows.begin; oy < rows.end; ++oy) {
-          const acc wy = tap_weight(taps.row_index, taps.row_weight, oy, iy);
-          if (wy == acc(0)) continue;
-          total += wy * column[static_cast<index_t>(oy) * in_w];
+          total += tap_adjoint(taps.row_index, taps.row_weight, oy, iy, column[static_cast<index_t>(oy) * in_w]);
         }
         grad_coarse[(plane * in_h + iy) * in_w + ix] = static_cast<scalar_t>(total);
       }
@@ -246,6 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
     using acc = acc_t<scalar>;
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    acc* lse_max = lse.data_ptr<acc>();
+    acc* lse_log_sum = lse_max + pixels;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
       cuda::with_index_type({pixels, coarse.numel()}, [&](auto index_zero) {
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_cross_entropy_fwd(
         cuda::launch_grid(forward_kernel<scalar, label, index_t>, grid, stream, coarse.data_ptr<scalar>(),
                           target.data_ptr<label>(), class_weight, taps, coarse.size(1), ignore_index, acc(smoothing),
                           static_cast<index_t>(target.size(0)), per_pixel, loss.data_ptr<acc>(), denom.data_ptr<acc>(),
-                     lse.data_ptr<acc>());
+                          lse_max, lse_log_sum);
       });
     });
   });
@@ -283,6 +284,8 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
     using acc = acc_t<scalar>;
     const auto taps = make_upsample_taps<acc>(coarse, row_index, row_weight, col_index, col_weight);
     const acc* class_weight = weight ? weight->data_ptr<acc>() : nullptr;
+    const acc* lse_max = lse.data_ptr<acc>();
+    const acc* lse_log_sum = lse_max + target.numel();
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "labels", [&] {
       using label = scalar_t;
       cuda::with_index_type({elements, target.numel(), partial.numel()}, [&](auto index_zero) {
@@ -290,7 +293,7 @@ at::Tensor upsample_cross_entropy_bwd(const at::Tensor& grad_pixel, const at::Te
         const int64_t images = coarse.size(0), out_h = row_index.size(0), in_w = coarse.size(3);
         cuda::launch_grid(backward_columns_kernel<scalar, label, index_t>,
                           cuda::plane_grid(in_w, out_h, images), stream, grad_pixel.data_ptr<acc>(), per_pixel,
-                          coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, lse.data_ptr<acc>(),
+                          coarse.data_ptr<scalar>(), target.data_ptr<label>(), class_weight, lse_max, lse_log_sum,
                           taps, col_readers.data_ptr<int32_t>(), coarse.size(1), ignore_index, acc(smoothing),
                           static_cast<index_t>(images), partial.data_ptr<acc>());
         cuda::launch_grid(backward_rows_kernel<scalar, index_t>,

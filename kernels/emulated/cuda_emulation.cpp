@@ -73,7 +73,7 @@ Options& options() {
 }
 
 struct Counters {
-  std::atomic<int64_t> launches{0}, blocks{0}, threads{0}, barriers{0}, int32_launches{0}, int64_launches{0};
+  std::atomic<int64_t> launches{0}, blocks{0}, threads{0}, barriers{0}, int32_choices{0}, int64_choices{0};
 };
 
 Counters& counters() {
@@ -388,7 +388,7 @@ int64_t max_blocks() {
 bool force_int64_indices() { return options().int64_indices.load(); }
 
 void record_index_width(int bytes) {
-  (bytes == 4 ? counters().int32_launches : counters().int64_launches).fetch_add(1, std::memory_order_relaxed);
+  (bytes == 4 ? counters().int32_choices : counters().int64_choices).fetch_add(1, std::memory_order_relaxed);
 }
 
 namespace {
@@ -412,12 +412,12 @@ std::tuple<std::string, int64_t, bool> get_options() {
   return {schedule_name(static_cast<Schedule>(o.schedule.load())), o.max_blocks.load(), o.int64_indices.load()};
 }
 
-// Counters since the library loaded: launches, blocks, threads, barriers passed, launches on int32 and on int64
-// indices.
+// Counters since the library loaded: launches, blocks, threads, barriers passed, and index-width choices
+// (cuda::with_index_type: one per kernel, or per group of kernels launched together) for int32 and for int64.
 std::vector<int64_t> stats() {
   const Counters& c = counters();
-  return {c.launches.load(), c.blocks.load(), c.threads.load(), c.barriers.load(), c.int32_launches.load(),
-          c.int64_launches.load()};
+  return {c.launches.load(), c.blocks.load(), c.threads.load(), c.barriers.load(), c.int32_choices.load(),
+          c.int64_choices.load()};
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "fcn_fast/common.h"
 
@@ -22,14 +23,24 @@ inline CeLayout ce_layout(const at::Tensor& logits, const at::Tensor& target) {
                   logits.stride(1), logits.stride(2), target.stride(0), target.stride(1)};
 }
 
+// The softmax statistics a forward saves for backward (softmax_ce.h), (2, *pixel_shape): plane 0 the largest logit m
+// of each pixel, plane 1 L = log sum_c exp(z_c - m). One float per pixel (m + L) loses L for large logits.
+inline std::vector<int64_t> ce_stats_shape(at::IntArrayRef pixel_shape) {
+  std::vector<int64_t> shape{2};
+  shape.insert(shape.end(), pixel_shape.begin(), pixel_shape.end());
+  return shape;
+}
+
 // The forward's outputs, uninitialized, in the accumulate dtype of `input`'s (acc_scalar_type), on its device: the
 // loss and its weight in the "mean" denominator, each of `loss_shape` (one value per pixel, or per partial sum), and
-// the log-sum-exp of `pixel_shape`. Weights, lse and incoming gradients share that dtype.
+// the softmax statistics of `pixel_shape` pixels (ce_stats_shape; empty unless save_stats). Weights, statistics
+// and incoming gradients share that dtype.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_pixel_outputs(at::IntArrayRef pixel_shape,
                                                                     at::IntArrayRef loss_shape,
-                                                                    const at::Tensor& input) {
+                                                                    const at::Tensor& input, bool save_stats = true) {
   const auto options = input.options().dtype(acc_scalar_type(input.scalar_type()));
-  return {at::empty(loss_shape, options), at::empty(loss_shape, options), at::empty(pixel_shape, options)};
+  const auto stats = save_stats ? ce_stats_shape(pixel_shape) : std::vector<int64_t>{0};
+  return {at::empty(loss_shape, options), at::empty(loss_shape, options), at::empty(stats, options)};
 }
 
 inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& target,
@@ -47,13 +58,15 @@ inline void check_ce_kernel_args(const at::Tensor& logits, const at::Tensor& tar
   }
 }
 
-// lse (N, S) contiguous and grad_loss (N, S) with any strides (0 for an expanded scalar), both of the accumulate dtype.
+// lse: the forward's contiguous softmax statistics (2, N, S); grad_loss (N, S) with any strides (0 for an expanded
+// scalar); both of the accumulate dtype.
 inline void check_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                    const at::Tensor& lse) {
   const auto acc = acc_scalar_type(logits.scalar_type());
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc &&
-                  lse.device() == logits.device(),
-              "lse must be a contiguous (N, S) tensor of the accumulate dtype on the logits' device");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(ce_stats_shape(target.sizes())) && lse.is_contiguous() &&
+                  lse.scalar_type() == acc && lse.device() == logits.device(),
+              "lse must be the contiguous (2, N, S) softmax statistics of the forward, of the accumulate dtype on the "
+              "logits' device");
   TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == target.size(0) && grad_loss.size(1) == target.size(1) &&
                   grad_loss.scalar_type() == acc && grad_loss.device() == logits.device(),
               "grad_loss must be (N, S) (strides may be 0) of the accumulate dtype on the logits' device");

@@ -49,12 +49,15 @@ Taps<acc_t> split_taps(const at::Tensor& index, const at::Tensor& weight, int64_
 }
 
 // The adjoint of one axis: for input position i, the weights of the outputs [start[i], stop[i]) that read it, stored
-// from weight[offset[i]] on (tap_weight of bilinear.h, so the same arithmetic as every other backend).
+// from weight[offset[i]] on (tap_weight of bilinear.h, so the same arithmetic as every other backend), and the
+// outputs among them whose weight-0 twin tap adds 0 * grad on its own (tap_zero_twin; interp mode only).
 template <typename acc_t>
 struct Readers {
   std::vector<int32_t> start, stop;
   std::vector<int64_t> offset;
   std::vector<acc_t> weight;
+  std::vector<uint8_t> zero_twin;  // per entry, like weight
+  bool any_zero_twin = false;
 };
 
 template <typename acc_t>
@@ -78,8 +81,14 @@ Readers<acc_t> transpose_taps(const at::Tensor& index, const at::Tensor& weight,
     r.offset[i + 1] = r.offset[i] + (stop - start);
   }
   r.weight.resize(r.offset[in_size]);
+  r.zero_twin.resize(r.offset[in_size]);
   for (int64_t i = 0; i < in_size; ++i) {
-    for (int64_t o = r.start[i]; o < r.stop[i]; ++o) r.weight[r.offset[i] + o - r.start[i]] = tap_weight(idx, w, o, i);
+    for (int64_t o = r.start[i]; o < r.stop[i]; ++o) {
+      const int64_t k = r.offset[i] + o - r.start[i];
+      r.weight[k] = tap_weight(idx, w, o, i);
+      r.zero_twin[k] = tap_zero_twin(idx, w, o, i);
+      r.any_zero_twin = r.any_zero_twin || r.zero_twin[k];
+    }
   }
   return r;
 }
@@ -144,7 +153,23 @@ inline void fold_columns(const Readers<acc_t>& cols, const acc_t* row, int64_t i
     const acc_t* vx = row + ox_begin;
     acc_t sum = 0;
     for (int64_t k = 0; k < count; ++k) sum += wx[k] * vx[k];
+    if (cols.any_zero_twin) {
+      const uint8_t* twin = cols.zero_twin.data() + cols.offset[ix];
+      for (int64_t k = 0; k < count; ++k) sum += twin[k] ? acc_t(0) * vx[k] : acc_t(0);
+    }
     out[ix] = static_cast<scalar_t>(sum);
+  }
+}
+
+// The weight-0 twin taps of the rows half of the adjoint (tap_zero_twin): v += 0 * grad row, where any.
+template <typename scalar_t, typename acc_t>
+inline void add_zero_twin_rows(const Readers<acc_t>& rows, int64_t iy, const scalar_t* grad_plane, int64_t out_w,
+                               acc_t* v) {
+  if (!rows.any_zero_twin) return;
+  for (int64_t oy = rows.start[iy]; oy < rows.stop[iy]; ++oy) {
+    if (!rows.zero_twin[rows.offset[iy] + oy - rows.start[iy]]) continue;
+    const scalar_t* g_row = grad_plane + oy * out_w;
+    for (int64_t ox = 0; ox < out_w; ++ox) v[ox] += acc_t(0) * static_cast<acc_t>(g_row[ox]);
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include "fcn_fast/bilinear.h"
 #include "fcn_fast/common.h"
+#include "fcn_fast/cross_entropy_host.h"
 #include "fcn_fast/softmax_ce.h"
 
 namespace fcn_fast {
@@ -89,12 +90,13 @@ inline void check_ce_arguments(const at::Tensor& coarse, const at::Tensor& targe
   }
 }
 
-// lse and the per-pixel gradient of the backward pass.
+// lse (the forward's softmax statistics, (2, N, H, W): ce_stats_shape) and the per-pixel gradient of the backward.
 inline void check_ce_backward_arguments(const at::Tensor& grad_pixel, const at::Tensor& target,
                                         const at::Tensor& lse, at::ScalarType acc_type) {
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc_type &&
-                  lse.device() == target.device(),
-              "lse must be a contiguous ", acc_type, " tensor of target's shape and device");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(ce_stats_shape(target.sizes())) && lse.is_contiguous() &&
+                  lse.scalar_type() == acc_type && lse.device() == target.device(),
+              "lse must be the contiguous (2, N, H, W) ", acc_type, " softmax statistics of the forward, on target's "
+              "device");
   TORCH_CHECK(grad_pixel.scalar_type() == acc_type && grad_pixel.is_contiguous() &&
                   grad_pixel.device() == target.device() &&
                   (grad_pixel.numel() == 1 || grad_pixel.sizes() == target.sizes()),
