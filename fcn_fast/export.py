@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fcn_fast.ops._resample import bilinear_filler_1d, deconv_kernel_size
+from fcn_fast.ops.cross_entropy import KERNELS as CE_KERNELS
 
 FORMATS = ("pt2", "onnx")
 
@@ -140,10 +141,14 @@ def _upsample_argmax(coarse, factor, mode, out_h, out_w, offset_y, offset_x, ali
 
 def _cross_entropy(op, logits, target, weight, ignore_index: int, reduction: str, label_smoothing: float):
     """F.cross_entropy of logits (N, C, S) and target (N, S) in the accumulate dtype: (per-pixel loss (N, S) or the
-    reduced loss, log-sum-exp (N, S), the "mean" denominator)."""
+    reduced loss, the softmax statistics (2, N, S) the kernels save for backward, the "mean" denominator)."""
     acc = 11 if _is_double(logits) else 1  # DOUBLE or FLOAT
     z = op.Cast(logits, to=acc)
     lse = op.ReduceLogSumExp(z, op.Constant(value_ints=[1]), keepdims=0)
+    # Only its shape matters to an inference graph (nothing runs backward), but it is the op's declared output.
+    zmax = op.ReduceMax(z, op.Constant(value_ints=[1]), keepdims=0)
+    stats = op.Concat(op.Unsqueeze(zmax, op.Constant(value_ints=[0])),
+                      op.Unsqueeze(op.Sub(lse, zmax), op.Constant(value_ints=[0])), axis=0)
     logp = op.Sub(z, op.Unsqueeze(lse, op.Constant(value_ints=[1])))
     labels = op.Cast(target, to=7)
     num_classes = op.Gather(op.Shape(z), op.Constant(value_int=1))
@@ -171,7 +176,7 @@ def _cross_entropy(op, logits, target, weight, ignore_index: int, reduction: str
         loss = op.ReduceSum(loss, keepdims=0)
     elif reduction == "mean":
         loss = op.Div(op.ReduceSum(loss, keepdims=0), denom)
-    return loss, lse, denom
+    return loss, stats, denom
 
 
 def _flat(op, x, keep: int):
@@ -184,14 +189,16 @@ def _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, labe
     op = _ops()
     flat_logits = _flat(op, logits, 2) if len(logits.shape) != 2 else op.Unsqueeze(logits, op.Constant(value_ints=[2]))
     flat_target = _flat(op, target, 1)
-    loss, lse, denom = _cross_entropy(op, flat_logits, flat_target, weight, ignore_index, reduction, label_smoothing)
+    loss, stats, denom = _cross_entropy(op, flat_logits, flat_target, weight, ignore_index, reduction,
+                                        label_smoothing)
     if reduction == "none":
         loss = op.Reshape(loss, op.Shape(target))
-    if len(logits.shape) == 2:
-        lse = op.Reshape(lse, op.Concat(op.Shape(logits, start=0, end=1), op.Constant(value_ints=[1]), axis=0))
+    elif CE_KERNELS[backend].gradient_in_forward:
+        # A reduced loss on such a backend saves no statistics (its backward runs the forward kernel again).
+        stats = op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[0])), denom)
     # The fourth output, a training step's gradient from the CPU forward, is empty wherever nothing trains.
     empty = op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[0])), logits)
-    return op.CastLike(loss, logits), lse, denom, empty
+    return op.CastLike(loss, logits), stats, denom, empty
 
 
 def _upsample_cross_entropy(coarse, target, weight, factor, mode, offset_y, offset_x, align_corners, ignore_index,
@@ -199,11 +206,12 @@ def _upsample_cross_entropy(coarse, target, weight, factor, mode, offset_y, offs
     op = _ops()
     out_hw = op.Shape(target, start=1, end=3)
     logits = _upsample(op, coarse, factor, mode, out_hw, (offset_y, offset_x), align_corners)
-    loss, lse, denom = _cross_entropy(op, _flat(op, logits, 2), _flat(op, target, 1), weight, ignore_index,
-                                      reduction, label_smoothing)
+    loss, stats, denom = _cross_entropy(op, _flat(op, logits, 2), _flat(op, target, 1), weight, ignore_index,
+                                        reduction, label_smoothing)
     if reduction == "none":
         loss = op.Reshape(loss, op.Shape(target))
-    return op.CastLike(loss, coarse), op.Reshape(lse, op.Shape(target)), denom
+    stats_shape = op.Concat(op.Constant(value_ints=[2]), op.Shape(target), axis=0)
+    return op.CastLike(loss, coarse), op.Reshape(stats, stats_shape), denom
 
 
 def onnx_translation_table() -> Dict[Callable, Callable]:

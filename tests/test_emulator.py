@@ -199,7 +199,7 @@ def _bad_calls(ops):
     tables = (rows.index, rows.weight, cols.index, cols.weight)
     readers = (rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers)
     logits, target = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 6))
-    lse = torch.zeros(2, 6)
+    grad_loss, stats = torch.zeros(2, 6), torch.zeros(2, 2, 6)
     coarse, full_target = torch.randn(1, 3, 4, 5), torch.randint(0, 3, (1, 8, 9))
     return [
         (lambda: ops._upsample_add_fwd(x[0], None, *tables, 0, 0, 1.0), "x must be 4D"),
@@ -217,8 +217,9 @@ def _bad_calls(ops):
         (lambda: ops._softmax_cross_entropy_fwd(logits, target[:, :5], None, 255, 0.0, True), "target must be"),
         (lambda: ops._softmax_cross_entropy_fwd(logits, target.float(), None, 255, 0.0, True), "integer"),
         (lambda: ops._softmax_cross_entropy_fwd(logits, target, torch.ones(4), 255, 0.0, True), "weight must be"),
-        (lambda: ops._softmax_cross_entropy_bwd(lse, logits, target, lse[:, :5], None, 255, 0.0), "lse must be"),
-        (lambda: ops._softmax_cross_entropy_bwd(lse.double(), logits, target, lse, None, 255, 0.0),
+        (lambda: ops._softmax_cross_entropy_bwd(grad_loss, logits, target, stats[:, :, :5], None, 255, 0.0),
+         "lse must be"),
+        (lambda: ops._softmax_cross_entropy_bwd(grad_loss.double(), logits, target, stats, None, 255, 0.0),
          "grad_loss must be"),
         (lambda: ops._upsample_cross_entropy_fwd(coarse.transpose(2, 3), full_target, None, *tables, 255, 0.0, True),
          "coarse must be a contiguous"),
@@ -226,10 +227,10 @@ def _bad_calls(ops):
          "target must be"),
         (lambda: ops._upsample_cross_entropy_fwd(coarse, full_target, torch.ones(2), *tables, 255, 0.0, True),
          "weight must be"),
-        (lambda: ops._upsample_cross_entropy_bwd(torch.ones(2), coarse, full_target, None, lse, *readers, 255, 0.0),
+        (lambda: ops._upsample_cross_entropy_bwd(torch.ones(2), coarse, full_target, None, stats, *readers, 255, 0.0),
          "lse must be"),
         (lambda: ops._upsample_cross_entropy_bwd(torch.ones(1, 8, 8), coarse, full_target, None,
-                                                 torch.zeros(1, 8, 9), *readers, 255, 0.0), "grad_pixel must be"),
+                                                 torch.zeros(2, 1, 8, 9), *readers, 255, 0.0), "grad_pixel must be"),
         (lambda: ops._upsample_argmax(torch.randn(1, 300, 4, 5), *tables, torch.uint8), "dtype must be int64, or uint8"),
         (lambda: ops._upsample_argmax(coarse, r64.index, r64.weight, c64.index, c64.weight, torch.int64),
          "tap weights must be"),

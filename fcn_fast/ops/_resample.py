@@ -104,7 +104,14 @@ def _interp_taps(in_size: int, out_size: int, align_corners: bool, double: bool)
         src = scale * o
     else:
         scale = torch.tensor(in_size, dtype=dt) / torch.tensor(out_size, dtype=dt)
-        src = (scale * (o + 0.5) - 0.5).clamp(min=0)
+        if double:
+            src = scale * (o + 0.5) - 0.5
+        else:
+            # PyTorch's kernel (compiled with FMA contraction, as nvcc does too) rounds scale * (o + 0.5) - 0.5 once:
+            # a weight of 2^-26 is not 0, which decides whether a -inf input stays -inf or becomes NaN. In float64
+            # the product of a float32 scale and o + 0.5 (< 2^29) is exact, so one rounding to float32 is the FMA.
+            src = (scale.double() * (o.double() + 0.5) - 0.5).float()
+        src = src.clamp(min=0)
     i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
     lam = (src - i0.to(dt)).clamp(min=0, max=1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
