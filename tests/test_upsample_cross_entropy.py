@@ -35,12 +35,25 @@ TARGET_HW = (8, 9)
 
 # ---- the reference: plain PyTorch ------------------------------------------------------------------------------------
 
+class _RoundedValues(torch.autograd.Function):
+    """x rounded to a dtype in the forward only: the fused op rounds its logits as upsample_add returns them but
+    keeps their gradient in the accumulate dtype (a cast's own backward would round the gradient too)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def upsampled_logits(coarse, float_dtype, out_size, *, factor, mode="deconv", offset=(0, 0), align_corners=False):
     """The logits upsample_add returns for ``coarse``: upsampled in coarse's (accumulate) dtype, rounded to
     ``float_dtype``."""
     logits = upsample_reference(coarse, factor=factor, mode=mode, out_size=tuple(out_size), offset=offset,
                                 align_corners=align_corners)
-    return logits.to(float_dtype).to(coarse.dtype)
+    return _RoundedValues.apply(logits, float_dtype)
 
 
 def composition(coarse, target, weight=None, *, float_dtype=None, factor, mode="deconv", offset=(0, 0),
