@@ -390,3 +390,23 @@ def test_bad_input(backend, x, skip, kwargs, error, message):
 def test_bad_input_through_module():
     with pytest.raises(ValueError, match="skip must have the N and C of x"):
         UpsampleAdd(factor=2)(torch.randn(1, 2, 4, 5), torch.randn(1, 3, 8, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_interp_taps_are_pytorchs_bit_for_bit(dtype, align_corners):
+    """Every tap weight equals what F.interpolate's CPU kernel uses (read off by interpolating one-hot rows), up- and
+    downsampling: its source index rounded once (FMA) and floored in float32, also for float64 inputs."""
+    from fcn_fast.ops._resample import _interp_taps
+
+    for n in range(1, 24):
+        for m in range(1, 150, 5):
+            if m == n:
+                continue
+            one_hot = torch.eye(n, dtype=dtype).reshape(n, 1, n, 1).expand(n, 1, n, 3).contiguous()
+            used = F.interpolate(one_hot, size=(m, 5), mode="bilinear", align_corners=align_corners)[:, 0, :, 0].T
+            index, weight = _interp_taps(n, m, align_corners, dtype == torch.float64)
+            ours = torch.zeros(m, n, dtype=torch.float64)
+            for k in range(2):
+                ours.index_put_((torch.arange(m), index[:, k]), weight[:, k], accumulate=True)
+            assert torch.equal(ours.to(dtype), used), f"{n} -> {m}"

@@ -9,6 +9,7 @@ Tables (per axis, see kernels/include/fcn_fast/bilinear.h):
 
 from __future__ import annotations
 
+import fractions
 import functools
 from dataclasses import dataclass
 from typing import Tuple
@@ -104,15 +105,18 @@ def _interp_taps(in_size: int, out_size: int, align_corners: bool, double: bool)
         src = scale * o
     else:
         scale = torch.tensor(in_size, dtype=dt) / torch.tensor(out_size, dtype=dt)
+        # PyTorch's kernel (compiled with FMA contraction, as nvcc does too) rounds scale * (o + 0.5) - 0.5 once:
+        # a weight of 2^-26 is not 0, which decides whether a -inf input stays -inf or becomes NaN.
         if double:
-            src = scale * (o + 0.5) - 0.5
+            exact = fractions.Fraction(float(scale))
+            src = torch.tensor([float(exact * fractions.Fraction(2 * i + 1, 2) - fractions.Fraction(1, 2))
+                                for i in range(out_size)], dtype=dt)
         else:
-            # PyTorch's kernel (compiled with FMA contraction, as nvcc does too) rounds scale * (o + 0.5) - 0.5 once:
-            # a weight of 2^-26 is not 0, which decides whether a -inf input stays -inf or becomes NaN. In float64
-            # the product of a float32 scale and o + 0.5 (< 2^29) is exact, so one rounding to float32 is the FMA.
+            # In float64 the product of a float32 scale and o + 0.5 (< 2^29) is exact: one rounding is the FMA's.
             src = (scale.double() * (o.double() + 0.5) - 0.5).float()
         src = src.clamp(min=0)
-    i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
+    # PyTorch floors the index with floorf, also in float64: an index a hair below an integer rounds up to it first.
+    i0 = src.float().floor().to(torch.int64).clamp(max=in_size - 1)
     lam = (src - i0.to(dt)).clamp(min=0, max=1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     w = torch.stack([1 - lam, lam], 1).to(torch.float64)
