@@ -62,12 +62,13 @@ FCN_FAST_LIBRARY(m) {
 
   // softmax_cross_entropy kernels. logits (N, C, S) with any strides, target (N, S) of any integer dtype,
   // weight: contiguous (C,) of the accumulate dtype (float32; float64 for float64 logits). Labels outside [0, C) are
-  // ignored (the Python front end has rejected them unless check_targets=False). Per-pixel outputs are (N, S) in the
-  // accumulate dtype: (loss, weight of the pixel in the "mean" denominator, and lse: the softmax statistics saved for
-  // backward, (2, N, S): each pixel's largest logit m and log sum exp(z - m), see softmax_ce.h).
+  // ignored (the Python front end has rejected them unless check_targets=False). Outputs in the accumulate dtype:
+  // loss and the weight of the pixel in the "mean" denominator, (N, S) when per_pixel, else partial sums (a length of
+  // the backend's choosing) added in a fixed order, whose totals are the sums over all pixels; and lse: the softmax
+  // statistics saved for backward, (2, N, S): each pixel's largest logit m and log sum exp(z - m), see softmax_ce.h.
   m.def(
       "_softmax_cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, bool per_pixel) -> (Tensor, Tensor, Tensor)");
   // grad_loss: (N, S) in the accumulate dtype, the gradient of each pixel's loss (an expanded scalar for "mean" and
   // "sum"). Returns grad_logits shaped and, when dense, strided like logits.
   m.def(

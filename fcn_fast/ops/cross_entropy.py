@@ -62,7 +62,8 @@ def _reference_pixels(logits, target, weight, ignore_index, label_smoothing):
     return loss, denom, safe_target, valid
 
 
-def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
+def _reference_forward(logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
+    # Per-pixel values whatever per_pixel says: each is its own partial sum (the ground truth keeps the simplest form).
     loss, denom, _, _ = _reference_pixels(logits, target, weight, ignore_index, label_smoothing)
     return loss, denom, _ce_common.softmax_stats(logits.to(acc_dtype(logits.dtype)))
 
@@ -87,8 +88,10 @@ def _reference_backward(grad_pixels, logits, target, lse, weight, ignore_index, 
 
 
 # ---- backend implementations on (N, C, S) / (N, S) views ---------------------------------------------------------
-# forward(logits, target, weight, ignore_index, label_smoothing) -> per-pixel (loss, denom_weight, lse), acc dtype,
-#   lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and log sum exp(z - m))
+# forward(logits, target, weight, ignore_index, label_smoothing, per_pixel) -> (loss, denom_weight, lse), acc dtype:
+#   loss and denom_weight per pixel, or (per_pixel False, a reduced loss) partial sums of them of the backend's
+#   choosing; lse: the softmax statistics (2, N, S) (_ce_common.stats_shape: each pixel's max logit m and
+#   log sum exp(z - m))
 # backward(grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing) -> grad_logits
 # With gradient_in_forward, a reduced loss takes reduced_forward and reduced_backward instead (see _Cpu).
 
@@ -102,8 +105,8 @@ class _Reference(_Kernels):
 
 
 class _Native(_Kernels):
-    def forward(self, logits, target, weight, ignore_index, label_smoothing):
-        return self.ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+    def forward(self, logits, target, weight, ignore_index, label_smoothing, per_pixel=True):
+        return self.ops._softmax_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, per_pixel)
 
     def backward(self, grad_pixels, logits, target, lse, weight, ignore_index, label_smoothing):
         return self.ops._softmax_cross_entropy_bwd(grad_pixels, logits, target, lse, weight, ignore_index,
@@ -182,7 +185,8 @@ def _softmax_cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weig
             flat_logits, flat_target, weight, ignore_index, label_smoothing, reduction,
             _gradient_in_forward(logits, reduction, need_grad, backend))
         return out.to(logits.dtype), lse, denom_total, grad.reshape(logits.shape) if grad.numel() else grad
-    loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing)
+    loss, denom, lse = kernels.forward(flat_logits, flat_target, weight, ignore_index, label_smoothing,
+                                       reduction == "none")
     denom_total = _ce_common.sum_in_fixed_order(denom)
     out = _ce_common.reduce_pixel_losses(loss, denom_total, reduction)
     out = out.reshape(target.shape) if reduction == "none" else out

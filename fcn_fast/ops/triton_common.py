@@ -1,8 +1,8 @@
 """Triton building blocks shared by the Triton kernels: the per-pixel softmax cross-entropy math on a tile of
 logits (the Triton twin of kernels/include/fcn_fast/softmax_ce.h; formulas there), the bilinear tap helpers every
 Triton kernel reads the tap tables with (the twins of kernels/include/fcn_fast/bilinear.h), ``on_tensor_device``, the
-device guard every Triton entry point runs under, ``acc_type``, the accumulate dtype as a Triton type, and
-``device_scalar``, the sync-free way to hand a kernel a float.
+device guard every Triton entry point runs under, ``acc_type``, the accumulate dtype as a Triton type,
+``device_scalar``, the sync-free way to hand a kernel a float, and ``autotune``, the tuning policy of every kernel.
 
 A tile is z[BLOCK_C, BLOCK_P]: BLOCK_C >= C classes (padded to a power of two) by BLOCK_P pixels, float32, with
 padded classes set to -inf by the caller. class_w[BLOCK_C] holds the class weights (1.0 when none, 0.0 for padded
@@ -11,6 +11,7 @@ NaN where their logits hold NaN/+inf, as PyTorch's log_softmax backward gives).
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -22,6 +23,43 @@ from fcn_fast.ops._dispatch import acc_dtype
 def acc_type(dtype: torch.dtype):
     """The Triton type the kernels accumulate ``dtype`` inputs in (``fcn_fast.ops._dispatch.acc_dtype``)."""
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, read as Triton reads it: when the
+    kernels are decorated, i.e. when their module is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune(configs, key, prune=None):
+    """``triton.autotune`` over ``configs``, keyed on the argument names ``key`` (Triton adds the tensor dtypes): on a
+    GPU, the first call of each key times every configuration (after ``prune(configs, named_args, **kwargs)``) and
+    keeps the fastest. ``configs[0]`` holds the defaults, the tile the kernels had before they were tuned; under the
+    interpreter it is the only one, since timing configurations there would only multiply the tests' run time.
+
+    A reduction inside a tile (over classes, over a readers window) may associate differently under another tile
+    shape or warp count, so the choice is kept in Triton's on-disk cache (``cache_results``): while that cache lasts,
+    runs on one machine agree bit for bit, not only the calls of one process. Sums across programs must not depend
+    on the choice at all: launches that write per-program partial sums prune to the defaults (``only_defaults``,
+    with PER_PIXEL in the key, so that a choice made for per-pixel launches is never reused for them)."""
+    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key, cache_results=True,
+                           prune_configs_by={"early_config_prune": prune} if prune is not None else None)
+
+
+def tile_configs(default_tile: int, tiles, warps=(4, 8)):
+    """Configurations of a kernel whose tile size is one meta-parameter ``TILE`` (elements per program; the kernel's
+    heuristics derive its block shape from it and the sizes): the default first, with Triton's default 4 warps, then
+    every other (tile, warps) pair."""
+    first = triton.Config({"TILE": default_tile}, num_warps=4)
+    return [first] + [triton.Config({"TILE": t}, num_warps=w) for t in tiles for w in warps
+                      if (t, w) != (default_tile, 4)]
+
+
+def only_defaults(configs, named_args, **kwargs):
+    """An autotune prune for kernels with a PER_PIXEL flag: a launch that writes per-program partial sums (PER_PIXEL
+    false) runs the defaults only, so that the summation order, and with it the last bit of a reduced loss, is the
+    same on every run and every machine."""
+    return configs if kwargs.get("PER_PIXEL", True) else configs[:1]
 
 
 def on_tensor_device(launcher):

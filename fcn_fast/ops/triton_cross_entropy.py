@@ -4,7 +4,9 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; tes
 consecutive pixels of the flattened (N, S) grid and loads their logits as one [BLOCK_C, BLOCK_P] tile straight from
 the caller's strides: along NCHW's pixel axis the loads of one class row are contiguous, so they coalesce; the math
 on the tile is ``triton_common.ce_tile_forward`` / ``ce_tile_grad``. All C classes sit in one tile (BLOCK_C = C
-rounded up to a power of two), which bounds C (MAX_CLASSES).
+rounded up to a power of two), which bounds C (MAX_CLASSES). A reduced loss writes one (loss, weight) partial sum
+per program instead of per-pixel values. The tile's size and the warps per program are tuned per BLOCK_C on a GPU
+(``triton_common.autotune``; a reduced loss's partial sums keep the default tile, so its bits do not depend on it).
 """
 
 from __future__ import annotations
@@ -14,20 +16,32 @@ import triton
 import triton.language as tl
 
 from fcn_fast.ops._dispatch import acc_dtype
-from fcn_fast.ops.triton_common import acc_type, ce_tile_forward, ce_tile_grad, device_scalar, on_tensor_device
+from fcn_fast.ops.triton_common import (acc_type, autotune, ce_tile_forward, ce_tile_grad, device_scalar,
+                                        on_tensor_device, only_defaults, tile_configs)
 
-# A tile holds about this many logits: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
+# A tile holds about this many logits by default: 128 pixels at 21 classes (padded to 32), one pixel at MAX_CLASSES.
 TILE_ELEMENTS = 4096
 MAX_CLASSES = 16384
+CONFIGS = tile_configs(TILE_ELEMENTS, (2048, 4096, 8192, 16384))
 
 
-def _blocks(num_classes: int):
+def _block_c(num_classes: int) -> int:
     if num_classes > MAX_CLASSES:
         raise ValueError(f"softmax_cross_entropy: the triton backend keeps all classes of a pixel in one tile and "
                          f"supports at most {MAX_CLASSES} classes, got {num_classes}; use the cuda backend")
-    block_c = triton.next_power_of_2(num_classes)
-    block_p = max(1, min(256, TILE_ELEMENTS // block_c))
-    return block_c, block_p
+    return triton.next_power_of_2(num_classes)
+
+
+def _block_p(tile: int, block_c: int) -> int:
+    """Pixels per program: the rest of the tile once a pixel's BLOCK_C classes are in it."""
+    return max(1, min(256, tile // block_c))
+
+
+_PIXELS = triton.heuristics({"BLOCK_P": lambda args: _block_p(args["TILE"], args["BLOCK_C"])})
+
+
+def _grid(total: int):
+    return lambda meta: (triton.cdiv(total, meta["BLOCK_P"]),)
 
 
 @triton.jit
@@ -52,28 +66,38 @@ def _load_tile(logits_ptr, target_ptr, weight_ptr, pid, total, pixels, num_class
     return i, p_mask, n, p, c, z, t, class_w, tl.sum(class_w, 0)
 
 
+@autotune(CONFIGS, key=["BLOCK_C", "PER_PIXEL"], prune=only_defaults)
+@_PIXELS
 @triton.jit
 def _forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, denom_ptr, lse_ptr,
                     total, pixels, num_classes, stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
-                    ignore_index, eps_ptr,
-                    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """loss, denom: contiguous (N, S) in ACC; lse: the softmax statistics, contiguous (2, N, S) in ACC."""
+                    ignore_index, eps_ptr, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """loss, denom: contiguous (N, S) in ACC, or (PER_PIXEL false) one sum per program; lse: the softmax statistics,
+    contiguous (2, N, S) in ACC."""
     i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
         logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
         stride_ln, stride_lc, stride_ls, stride_tn, stride_ts, HAS_WEIGHT, ACC, BLOCK_C, BLOCK_P)
     loss, denom, m, log_sum = ce_tile_forward(z, t, class_w, c, weight_sum, tl.load(eps_ptr), num_classes,
                                               ignore_index)
-    tl.store(loss_ptr + i, loss, mask=p_mask)
-    tl.store(denom_ptr + i, denom, mask=p_mask)
+    if PER_PIXEL:
+        tl.store(loss_ptr + i, loss, mask=p_mask)
+        tl.store(denom_ptr + i, denom, mask=p_mask)
+    else:  # one (loss, denom) sum per program, in a fixed order; lanes past the end hold NaN (all -inf logits)
+        tl.store(loss_ptr + tl.program_id(0), tl.sum(tl.where(p_mask, loss, 0.0), 0))
+        tl.store(denom_ptr + tl.program_id(0), tl.sum(tl.where(p_mask, denom, 0.0), 0))
     tl.store(lse_ptr + i, m, mask=p_mask)
     tl.store(lse_ptr + total + i, log_sum, mask=p_mask)
 
 
+@autotune(CONFIGS, key=["BLOCK_C"])
+@_PIXELS
 @triton.jit
 def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr, grad_ptr,
                      total, pixels, num_classes, stride_ln, stride_lc, stride_ls, stride_tn, stride_ts,
                      stride_gn, stride_gs, stride_dn, stride_dc, stride_ds, ignore_index, eps_ptr,
-                     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
     """grad[n, c, p] = g[n, p] * dloss/dz; grad_loss (N, S) may have zero strides (an expanded scalar)."""
     i, p_mask, n, p, c, z, t, class_w, weight_sum = _load_tile(
         logits_ptr, target_ptr, weight_ptr, tl.program_id(0), total, pixels, num_classes,
@@ -87,22 +111,25 @@ def _backward_kernel(logits_ptr, target_ptr, weight_ptr, lse_ptr, grad_loss_ptr,
 
 
 @on_tensor_device
-def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
-    """logits (N, C, S), target (N, S) -> per-pixel (loss, denom_weight), contiguous (N, S), and lse, the softmax
-    statistics (2, N, S), in the acc dtype."""
+def forward(logits, target, weight, ignore_index: int, label_smoothing: float, per_pixel: bool = True):
+    """logits (N, C, S), target (N, S) -> (loss, denom_weight): per pixel, contiguous (N, S), or (per_pixel False)
+    one partial sum of each per program; and lse, the softmax statistics (2, N, S); all in the acc dtype."""
     n, num_classes, pixels = logits.shape
     acc = acc_dtype(logits.dtype)
-    loss, denom = (torch.empty((n, pixels), device=logits.device, dtype=acc) for _ in range(2))
-    lse = torch.empty((2, n, pixels), device=logits.device, dtype=acc)
     total = n * pixels
+    block_c = _block_c(num_classes)
+    # A reduced loss runs the defaults (only_defaults), so the number of partial sums is known here.
+    default_tile = _forward_kernel.configs[0].kwargs["TILE"]
+    sums_shape = (n, pixels) if per_pixel else (triton.cdiv(total, _block_p(default_tile, block_c)),)
+    loss, denom = (torch.empty(sums_shape, device=logits.device, dtype=acc) for _ in range(2))
+    lse = torch.empty((2, n, pixels), device=logits.device, dtype=acc)
     if total == 0:
         return loss, denom, lse
-    block_c, block_p = _blocks(num_classes)
-    _forward_kernel[(triton.cdiv(total, block_p),)](
+    _forward_kernel[_grid(total)](
         logits, target, weight if weight is not None else lse, loss, denom, lse,
         total, pixels, num_classes, *logits.stride(), *target.stride(), ignore_index,
-        device_scalar(label_smoothing, acc, logits.device), HAS_WEIGHT=weight is not None,
-        ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
+        device_scalar(label_smoothing, acc, logits.device), PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
+        ACC=acc_type(logits.dtype), BLOCK_C=block_c)
     return loss, denom, lse
 
 
@@ -114,10 +141,9 @@ def backward(grad_pixels, logits, target, lse, weight, ignore_index: int, label_
     total = n * pixels
     if grad.numel() == 0:
         return grad
-    block_c, block_p = _blocks(num_classes)
-    _backward_kernel[(triton.cdiv(total, block_p),)](
+    _backward_kernel[_grid(total)](
         logits, target, weight if weight is not None else lse, lse, grad_pixels, grad,
         total, pixels, num_classes, *logits.stride(), *target.stride(), *grad_pixels.stride(), *grad.stride(),
         ignore_index, device_scalar(label_smoothing, lse.dtype, lse.device),
-        HAS_WEIGHT=weight is not None, ACC=acc_type(logits.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
+        HAS_WEIGHT=weight is not None, ACC=acc_type(logits.dtype), BLOCK_C=_block_c(num_classes))
     return grad

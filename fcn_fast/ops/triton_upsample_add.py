@@ -6,7 +6,10 @@ float32 (float64 for float64 inputs, whose tap weights are float64 too).
 
 Layout of the launches: one program per tile of (rows of the flattened N*C*H axis) x (columns), so loads and stores
 run along W and the per-row index math is done once per row, not per element; offsets of planes and rows are
-computed in int64 (N*C*H*W can pass 2**31), everything inside a row in int32.
+computed in int64 (N*C*H*W can pass 2**31), everything inside a row in int32. The tile's size (``TILE`` elements)
+and the warps per program are tuned per width on a GPU (``triton_common.autotune``); its shape follows from the
+width (``_columns``). The forward and grad_skip compute every element alike whatever the tile; grad_x's sum over a
+readers window may associate differently under another tile, which is why the choice is cached on disk.
 """
 
 from __future__ import annotations
@@ -20,24 +23,40 @@ import triton.language as tl
 
 from fcn_fast.ops._resample import Geometry, axis_taps
 from fcn_fast.ops._dispatch import acc_dtype
-from fcn_fast.ops.triton_common import (acc_type, adjoint_share, blend_taps, device_scalar, load_taps,
-                                        on_tensor_device, taps_naming)
+from fcn_fast.ops.triton_common import (acc_type, adjoint_share, autotune, blend_taps, device_scalar, load_taps,
+                                        on_tensor_device, taps_naming, tile_configs)
 
-# Elements per program (tile of rows x columns): enough work per program to hide latency on a GPU, and few programs
-# for the interpreter, which runs them one after another.
+# Elements per program (tile of rows x columns) by default: enough work per program to hide latency on a GPU, and
+# few programs for the interpreter, which runs them one after another. A GPU tunes it among CONFIGS.
 TILE_ELEMENTS = 2048
+CONFIGS = tile_configs(TILE_ELEMENTS, (1024, 2048, 4096, 8192))
 
 
-def _tile(width: int, per_element: int = 1) -> Tuple[int, int]:
-    """(rows, columns) of a tile for rows ``width`` wide; ``per_element`` scales down for wider inner tiles."""
-    columns = min(128, max(16, triton.next_power_of_2(width)))
-    return max(1, TILE_ELEMENTS // (columns * per_element)), columns
+def _columns(width: int) -> int:
+    """Columns of a tile for rows ``width`` wide: whole rows up to 128 (a warp's 32 lanes x 4-element vectors)."""
+    return min(128, max(16, triton.next_power_of_2(width)))
 
 
+def _tile_heuristics(width_arg: str, per_element=lambda args: 1):
+    """BLOCK_W and BLOCK_R of a kernel from its TILE and the width argument named ``width_arg``; ``per_element``
+    (of the kernel's arguments) scales the rows down for a wider inner tile."""
+    return triton.heuristics({
+        "BLOCK_W": lambda args: _columns(args[width_arg]),
+        "BLOCK_R": lambda args: max(1, args["TILE"] // (_columns(args[width_arg]) * per_element(args))),
+    })
+
+
+def _grid(rows_total: int, width: int):
+    return lambda meta: (triton.cdiv(rows_total, meta["BLOCK_R"]), triton.cdiv(width, meta["BLOCK_W"]))
+
+
+@autotune(CONFIGS, key=["out_w"])
+@_tile_heuristics("out_w")
 @triton.jit
 def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, col_index, col_weight,
                     rows_total, in_h, in_w, out_h, out_w, skip_h, skip_w, skip_y, skip_x,
-                    HAS_SKIP: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                    HAS_SKIP: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_W: tl.constexpr):
     """out[plane, oy, ox] = sum of the 2x2 taps of x[plane] (+ scale * skip[plane, skip_y + oy, skip_x + ox]).
 
     A tile is BLOCK_R output rows of the flattened (plane, oy) axis by BLOCK_W columns."""
@@ -71,10 +90,13 @@ def _forward_kernel(x_ptr, skip_ptr, out_ptr, scale_ptr, row_index, row_weight, 
     tl.store(out_ptr + out_offset, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@autotune(CONFIGS, key=["in_w", "COL_READERS"])
+@_tile_heuristics("in_w", per_element=lambda args: args["COL_READERS"])
 @triton.jit
 def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col_index, col_weight, col_readers,
                    rows_total, in_h, in_w, out_h, out_w, max_row_readers,
-                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, COL_READERS: tl.constexpr):
+                   ACC: tl.constexpr, COL_READERS: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
     """grad_x[plane, iy, ix] = sum over the outputs (oy, ox) that read (iy, ix) of their tap weights times grad.
 
     A gather in a fixed order (output rows one by one, a fixed-shape tile of columns), so the result is
@@ -115,9 +137,11 @@ def _grad_x_kernel(grad_ptr, grad_x_ptr, row_index, row_weight, row_readers, col
     tl.store(grad_x_ptr + out_offset, total.to(grad_x_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@autotune(CONFIGS, key=["skip_w"])
+@_tile_heuristics("skip_w")
 @triton.jit
 def _grad_skip_kernel(grad_ptr, grad_skip_ptr, scale_ptr, rows_total, out_h, out_w, skip_h, skip_w, skip_y, skip_x,
-                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                      ACC: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     """grad_skip[plane, sy, sx] = scale * grad[plane, sy - skip_y, sx - skip_x] inside the crop, 0 outside."""
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # plane * skip_h + sy
     sx = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -160,13 +184,10 @@ def forward(x: torch.Tensor, skip: Optional[torch.Tensor], geometry: Geometry, s
         skip_h, skip_w = skip.shape[2], skip.shape[3]
     else:
         skip_h = skip_w = 0
-    block_r, block_w = _tile(out_w)
-    grid = (triton.cdiv(n * c * out_h, block_r), triton.cdiv(out_w, block_w))
-    _forward_kernel[grid](
+    _forward_kernel[_grid(n * c * out_h, out_w)](
         x, skip if skip is not None else x, out, device_scalar(float(skip_scale), rows.weight.dtype, x.device),
         rows.index, rows.weight, cols.index, cols.weight, n * c * out_h, in_h, in_w, out_h, out_w, skip_h, skip_w,
-        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=acc_type(x.dtype), BLOCK_R=block_r,
-        BLOCK_W=block_w)
+        skip_offset[0], skip_offset[1], HAS_SKIP=skip is not None, ACC=acc_type(x.dtype))
     return out
 
 
@@ -187,21 +208,15 @@ def backward(grad: torch.Tensor, geometry: Geometry, x_shape, skip_shape, skip_o
                                        geometry.align_corners, double)
             max_col = _longest_readers(geometry.mode, in_w, out_w, geometry.factor, geometry.offset[1],
                                        geometry.align_corners, double)
-            col_readers = triton.next_power_of_2(max_col)
-            block_r, block_w = _tile(in_w, col_readers)
-            grid = (triton.cdiv(n * c * in_h, block_r), triton.cdiv(in_w, block_w))
-            _grad_x_kernel[grid](
+            _grad_x_kernel[_grid(n * c * in_h, in_w)](
                 grad, grad_x, rows.index, rows.weight, rows.readers, cols.index, cols.weight, cols.readers,
-                n * c * in_h, in_h, in_w, out_h, out_w, max_row, ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w,
-                COL_READERS=col_readers)
+                n * c * in_h, in_h, in_w, out_h, out_w, max_row, ACC=acc, COL_READERS=triton.next_power_of_2(max_col))
     if need_skip:
         skip_h, skip_w = int(skip_shape[2]), int(skip_shape[3])
         grad_skip = torch.empty((n, c, skip_h, skip_w), dtype=grad.dtype, device=grad.device)
         if grad_skip.numel() > 0:
-            block_r, block_w = _tile(skip_w)
-            grid = (triton.cdiv(n * c * skip_h, block_r), triton.cdiv(skip_w, block_w))
             scale = device_scalar(float(skip_scale), acc_dtype(grad.dtype), grad.device)
-            _grad_skip_kernel[grid](
+            _grad_skip_kernel[_grid(n * c * skip_h, skip_w)](
                 grad, grad_skip, scale, n * c * skip_h, out_h, out_w, skip_h, skip_w, skip_offset[0], skip_offset[1],
-                ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
+                ACC=acc)
     return grad_x, grad_skip

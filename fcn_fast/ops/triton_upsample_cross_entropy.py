@@ -10,6 +10,11 @@ deterministic.
 Offsets of images and class planes are int64 (N*H*W and the virtual N*C*H*W can pass 2**31). Positions inside one
 image (an output pixel, a coarse pixel) are int32 unless an image holds 2**31 positions or more (``_index_64``):
 then the kernels are compiled with INDEX_64 and count them in int64.
+
+Pixels per program (a ``TILE`` of logits) and warps per program are tuned per BLOCK_C (and readers window, for the
+backward) on a GPU (``triton_common.autotune``); a reduced loss's partial sums keep the default tile. The host
+decisions that depend on the tile take the extreme over the configurations: int64 positions for the largest block,
+the program count for the smallest.
 """
 
 from __future__ import annotations
@@ -18,13 +23,41 @@ import torch
 import triton
 import triton.language as tl
 
-from fcn_fast.ops.triton_common import (adjoint_share, blend_taps, ce_tile_forward, ce_tile_grad, device_scalar,
-                                        load_taps, on_tensor_device, taps_naming)
+from fcn_fast.ops.triton_common import (adjoint_share, autotune, blend_taps, ce_tile_forward, ce_tile_grad,
+                                        device_scalar, load_taps, on_tensor_device, only_defaults, taps_naming,
+                                        tile_configs)
 
 # Positions inside one image, plus one block past the last, must stay at or below this for int32 indexing.
 POSITION_LIMIT = 2**31 - 1
 # CUDA's limit on the programs of a grid's first axis.
 MAX_PROGRAMS = 2**31 - 1
+# Logits per program by default (forward and argmax: output pixels x classes; backward: coarse pixels x classes).
+TILE_ELEMENTS = 4096
+BACKWARD_TILE_ELEMENTS = 2048
+CONFIGS = tile_configs(TILE_ELEMENTS, (2048, 4096, 8192, 16384))
+BACKWARD_CONFIGS = tile_configs(BACKWARD_TILE_ELEMENTS, (1024, 2048, 4096))
+
+
+def _block_p(tile: int, block_c: int) -> int:
+    return max(16, min(128, tile // block_c))
+
+
+def _block_q(tile: int, block_c: int) -> int:
+    return max(16, min(64, tile // block_c))
+
+
+_PIXELS = triton.heuristics({"BLOCK_P": lambda args: _block_p(args["TILE"], args["BLOCK_C"])})
+_COARSE_PIXELS = triton.heuristics({"BLOCK_Q": lambda args: _block_q(args["TILE"], args["BLOCK_C"])})
+
+
+def _blocks_over_configs(kernel, block, block_c: int):
+    """(smallest, largest) block of ``kernel``'s configurations that can run (Triton's interpreter runs one)."""
+    blocks = [block(config.kwargs["TILE"], block_c) for config in kernel.configs]
+    return min(blocks), max(blocks)
+
+
+def _grid(images: int, positions: int, block_name: str):
+    return lambda meta: (images * triton.cdiv(positions, meta[block_name]),)
 
 
 def _index_64(*positions: int, block: int) -> bool:
@@ -77,11 +110,12 @@ def _class_weights(weight_ptr, c_offs, num_classes, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _image_and_block(blocks_per_image):
+def _image_and_block(positions, BLOCK: tl.constexpr):
     """(image n as int64, block of that image) of this program. The grid is one flat axis of N * blocks_per_image
     programs: a (N, blocks) grid put the blocks on axis 1, which CUDA limits to 65535 programs, so on a GPU the
     forward and argmax failed to launch for an image of more than ~8M output pixels at 21 classes (~1M at 150), and
     the backward for more than ~4M coarse pixels (the interpreter has no such limit)."""
+    blocks_per_image = tl.cdiv(positions, BLOCK)
     pid = tl.program_id(0)
     n = pid // blocks_per_image
     return n.to(tl.int64), pid - n * blocks_per_image
@@ -95,12 +129,14 @@ def _positions(block, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     return block * BLOCK + tl.arange(0, BLOCK)
 
 
+@autotune(CONFIGS, key=["BLOCK_C", "PER_PIXEL"], prune=only_defaults)
+@_PIXELS
 @triton.jit
 def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr,
                     loss_ptr, denom_ptr, max_ptr, log_sum_ptr, eps_ptr, num_classes, ignore_index, in_w, in_hw,
-                    out_w, out_hw, blocks_per_image, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    n, block = _image_and_block(blocks_per_image)
+                    out_w, out_hw, PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, INDEX_64: tl.constexpr,
+                    BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
+    n, block = _image_and_block(out_hw, BLOCK_P)
     p = _positions(block, BLOCK_P, INDEX_64)
     p_mask = p < out_hw
     oy, ox = p // out_w, p % out_w
@@ -124,13 +160,15 @@ def _forward_kernel(coarse_ptr, target_ptr, weight_ptr, row_index_ptr, row_weigh
         tl.store(denom_ptr + tl.program_id(0), tl.sum(tl.where(p_mask, denom, 0.0), 0))
 
 
+@autotune(BACKWARD_CONFIGS, key=["BLOCK_C", "span_y", "span_x"])
+@_COARSE_PIXELS
 @triton.jit
 def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, row_index_ptr,
                      row_weight_ptr, row_readers_ptr, col_index_ptr, col_weight_ptr, col_readers_ptr, out_ptr, eps_ptr,
-                     num_classes, ignore_index, in_w, in_hw, out_w, out_hw, span_y, span_x, blocks_per_image,
+                     num_classes, ignore_index, in_w, in_hw, out_w, out_hw, span_y, span_x,
                      PER_PIXEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, INDEX_64: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    n, block = _image_and_block(blocks_per_image)
+                     BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    n, block = _image_and_block(in_hw, BLOCK_Q)
     q = _positions(block, BLOCK_Q, INDEX_64)
     q_mask = q < in_hw
     iy, ix = q // in_w, q % in_w
@@ -173,11 +211,13 @@ def _backward_kernel(grad_ptr, coarse_ptr, target_ptr, weight_ptr, max_ptr, log_
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=(c_offs < num_classes)[:, None] & q_mask[None, :])
 
 
+@autotune(CONFIGS, key=["BLOCK_C"])
+@_PIXELS
 @triton.jit
 def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col_weight_ptr, out_ptr, num_classes,
-                   in_w, in_hw, out_w, out_hw, blocks_per_image, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr,
+                   in_w, in_hw, out_w, out_hw, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
                    BLOCK_P: tl.constexpr):
-    n, block = _image_and_block(blocks_per_image)
+    n, block = _image_and_block(out_hw, BLOCK_P)
     p = _positions(block, BLOCK_P, INDEX_64)
     p_mask = p < out_hw
     oy, ox = p // out_w, p % out_w
@@ -194,11 +234,6 @@ def _argmax_kernel(coarse_ptr, row_index_ptr, row_weight_ptr, col_index_ptr, col
     tl.store(out_ptr + n * out_hw + p, label.to(out_ptr.dtype.element_ty), mask=p_mask)
 
 
-def _blocks(num_classes: int):
-    block_c = triton.next_power_of_2(num_classes)
-    return block_c, max(16, min(128, 4096 // block_c))
-
-
 @on_tensor_device
 def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per_pixel):
     """(loss, "mean" weight, softmax statistics) in the accumulate dtype: lse (2, N, H, W); loss and weight
@@ -207,17 +242,20 @@ def forward(coarse, target, weight, geometry, ignore_index, label_smoothing, per
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     acc = rows.weight.dtype
-    block_c, block_p = _blocks(c)
-    blocks = triton.cdiv(out_h * out_w, block_p)
+    block_c = triton.next_power_of_2(c)
+    smallest, largest = _blocks_over_configs(_forward_kernel, _block_p, block_c)
+    blocks = triton.cdiv(out_h * out_w, smallest)
     _check_programs("upsample_cross_entropy", n * blocks, n, blocks)
-    sums_shape = (n, out_h, out_w) if per_pixel else (n * blocks,)
+    # A reduced loss runs the defaults (only_defaults): one sum per program of their tile.
+    default_block = _block_p(_forward_kernel.configs[0].kwargs["TILE"], block_c)
+    sums_shape = (n, out_h, out_w) if per_pixel else (n * triton.cdiv(out_h * out_w, default_block),)
     loss, denom = (torch.empty(sums_shape, dtype=acc, device=coarse.device) for _ in range(2))
     lse = torch.empty((2, n, out_h, out_w), dtype=acc, device=coarse.device)
-    _forward_kernel[(n * blocks,)](
+    _forward_kernel[_grid(n, out_h * out_w, "BLOCK_P")](
         coarse, target, weight if weight is not None else coarse, rows.index, rows.weight, cols.index, cols.weight,
         loss, denom, lse[0], lse[1], device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w,
-        out_w, out_h * out_w, blocks, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
-        INDEX_64=_index_64(out_h * out_w, h * w, block=block_p), BLOCK_C=block_c, BLOCK_P=block_p)
+        out_w, out_h * out_w, PER_PIXEL=per_pixel, HAS_WEIGHT=weight is not None,
+        INDEX_64=_index_64(out_h * out_w, h * w, block=largest), BLOCK_C=block_c)
     return loss, denom, lse
 
 
@@ -234,15 +272,15 @@ def backward(grad_pixel, coarse, target, weight, lse, geometry, ignore_index, la
     span_y = int((host_rows.readers[:, 1] - host_rows.readers[:, 0]).max())
     span_x = int((host_cols.readers[:, 1] - host_cols.readers[:, 0]).max())
     block_c = triton.next_power_of_2(c)
-    block_q = max(16, min(64, 2048 // block_c))
-    blocks = triton.cdiv(h * w, block_q)
+    smallest, largest = _blocks_over_configs(_backward_kernel, _block_q, block_c)
+    blocks = triton.cdiv(h * w, smallest)
     _check_programs("upsample_cross_entropy", n * blocks, n, blocks)
-    _backward_kernel[(n * blocks,)](
+    _backward_kernel[_grid(n, h * w, "BLOCK_Q")](
         grad_pixel, coarse, target, weight if weight is not None else coarse, lse[0], lse[1], rows.index,
         rows.weight, rows.readers, cols.index, cols.weight, cols.readers, grad_coarse,
         device_scalar(label_smoothing, acc, coarse.device), c, ignore_index, w, h * w, out_w, out_h * out_w, span_y,
-        span_x, blocks, PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None,
-        INDEX_64=_index_64(out_h * out_w, h * w, block=block_q), BLOCK_C=block_c, BLOCK_Q=block_q)
+        span_x, PER_PIXEL=grad_pixel.dim() == 3, HAS_WEIGHT=weight is not None,
+        INDEX_64=_index_64(out_h * out_w, h * w, block=largest), BLOCK_C=block_c)
     return grad_coarse
 
 
@@ -252,10 +290,11 @@ def argmax(coarse, geometry, dtype):
     n, c, h, w = coarse.shape
     out_h, out_w = geometry.out_hw
     labels = torch.empty((n, out_h, out_w), dtype=dtype, device=coarse.device)
-    block_c, block_p = _blocks(c)
-    blocks = triton.cdiv(out_h * out_w, block_p)
+    block_c = triton.next_power_of_2(c)
+    smallest, largest = _blocks_over_configs(_argmax_kernel, _block_p, block_c)
+    blocks = triton.cdiv(out_h * out_w, smallest)
     _check_programs("upsample_argmax", n * blocks, n, blocks)
-    _argmax_kernel[(n * blocks,)](coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, w, h * w, out_w,
-                                  out_h * out_w, blocks, INDEX_64=_index_64(out_h * out_w, h * w, block=block_p),
-                                  BLOCK_C=block_c, BLOCK_P=block_p)
+    _argmax_kernel[_grid(n, out_h * out_w, "BLOCK_P")](
+        coarse, rows.index, rows.weight, cols.index, cols.weight, labels, c, w, h * w, out_w, out_h * out_w,
+        INDEX_64=_index_64(out_h * out_w, h * w, block=largest), BLOCK_C=block_c)
     return labels

@@ -312,7 +312,8 @@ void backward_pixels(const CeLayout& L, const scalar_t* logits, const target_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(const at::Tensor& logits,
                                                                             const at::Tensor& target,
                                                                             const c10::optional<at::Tensor>& weight,
-                                                                            int64_t ignore_index, double smoothing) {
+                                                                            int64_t ignore_index, double smoothing,
+                                                                            bool per_pixel) {
   check_ce_kernel_args(logits, target, weight, c10::DeviceType::CPU);
   at::Tensor loss, denom, lse;  // not a structured binding: the dispatch lambdas capture them
   const int64_t pixel_shape[] = {logits.size(0), logits.size(2)};
@@ -335,6 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_fwd_cpu(con
       }
     });
   });
+  // Reduced losses take softmax_cross_entropy_fwd_sums on the CPU; here a pixel's value is its own partial sum.
+  if (!per_pixel) return {loss.reshape(-1), denom.reshape(-1), lse};
   return {loss, denom, lse};
 }
 

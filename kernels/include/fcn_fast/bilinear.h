@@ -63,19 +63,42 @@ FCN_HD acc_t tap_adjoint(const int32_t* index, const acc_t* weight, int64_t o, i
   return s;
 }
 
+// The 2x2 taps of output pixel (oy, ox), indices clamped: kernels that sample many planes (or rows) at one pixel
+// (or column) load them once.
+template <typename acc_t>
+struct PixelTaps {
+  int64_t y0, y1, x0, x1;
+  acc_t wy0, wy1, wx0, wx1;
+};
+
+// The row half of PixelTaps (y0, y1, wy0, wy1) from row oy, or the column half (x0, x1, wx0, wx1) from column ox.
+template <typename acc_t>
+FCN_HD void load_axis_taps(const int32_t* index, const acc_t* weight, int64_t o, int64_t in_size, int64_t* i0,
+                           int64_t* i1, acc_t* w0, acc_t* w1) {
+  *i0 = clamp_index(index[2 * o], in_size);
+  *i1 = clamp_index(index[2 * o + 1], in_size);
+  *w0 = weight[2 * o];
+  *w1 = weight[2 * o + 1];
+}
+
+// Bilinear sample of one channel plane (row stride in_w) at the pixel of `taps`.
+template <typename scalar_t, typename acc_t>
+FCN_HD acc_t sample_taps(const scalar_t* plane, int64_t in_w, const PixelTaps<acc_t>& taps) {
+  const scalar_t* r0 = plane + taps.y0 * in_w;
+  const scalar_t* r1 = plane + taps.y1 * in_w;
+  return taps.wy0 * (taps.wx0 * static_cast<acc_t>(r0[taps.x0]) + taps.wx1 * static_cast<acc_t>(r0[taps.x1])) +
+         taps.wy1 * (taps.wx0 * static_cast<acc_t>(r1[taps.x0]) + taps.wx1 * static_cast<acc_t>(r1[taps.x1]));
+}
+
 // Bilinear sample of one in_h x in_w channel plane at output (oy, ox): the 2x2 taps of row oy and column ox.
 template <typename scalar_t, typename acc_t>
 FCN_HD acc_t sample_plane(const scalar_t* plane, int64_t in_h, int64_t in_w, const int32_t* row_index,
                           const acc_t* row_weight, const int32_t* col_index, const acc_t* col_weight, int64_t oy,
                           int64_t ox) {
-  const int64_t y0 = clamp_index(row_index[2 * oy], in_h), y1 = clamp_index(row_index[2 * oy + 1], in_h);
-  const int64_t x0 = clamp_index(col_index[2 * ox], in_w), x1 = clamp_index(col_index[2 * ox + 1], in_w);
-  const acc_t wy0 = row_weight[2 * oy], wy1 = row_weight[2 * oy + 1];
-  const acc_t wx0 = col_weight[2 * ox], wx1 = col_weight[2 * ox + 1];
-  const scalar_t* r0 = plane + y0 * in_w;
-  const scalar_t* r1 = plane + y1 * in_w;
-  return wy0 * (wx0 * static_cast<acc_t>(r0[x0]) + wx1 * static_cast<acc_t>(r0[x1])) +
-         wy1 * (wx0 * static_cast<acc_t>(r1[x0]) + wx1 * static_cast<acc_t>(r1[x1]));
+  PixelTaps<acc_t> taps;
+  load_axis_taps(row_index, row_weight, oy, in_h, &taps.y0, &taps.y1, &taps.wy0, &taps.wy1);
+  load_axis_taps(col_index, col_weight, ox, in_w, &taps.x0, &taps.x1, &taps.wx0, &taps.wx1);
+  return sample_taps(plane, in_w, taps);
 }
 
 }  // namespace fcn_fast

@@ -1,6 +1,7 @@
 // The launch policy of every CUDA kernel in kernels/cuda/, in one place: threads per block, the grid for n work
-// items (capped: larger problems loop, grid-stride), the int32/int64 index choice, the grid-stride loop, the launch
-// itself with its error check, the stream and the device guard.
+// items (capped: larger problems loop, grid-stride) or for 2-D/3-D planes of rows (block-stride loops, no division
+// per element), the int32/int64 index choice, the launch itself with its error check, the stream and the device
+// guard.
 //
 // The same .cu sources also compile as host C++ with FCN_FAST_EMULATE_CUDA defined, against cuda_emulation.h, into
 // fcn_fast._C_emu (backend "cuda_emulated", docs/emulator.md). This header is where the two builds part: a .cu file
@@ -91,18 +92,42 @@ void with_index_type(std::initializer_list<int64_t> sizes, Launch&& launch) {
   }
 }
 
-// kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(args...), then the launch check; in the emulated build, the same
+// Blocks along one grid axis for `items`: at least 1, at most `limit` (the hardware's 65535 for y and z).
+inline unsigned int grid_axis(int64_t items, int64_t limit) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(items, limit)));
+}
+
+// The grid of a kernel over (tiles of kThreadsPerBlock columns of `width`, rows, planes), one axis each, every one
+// walked by FCN_BLOCK_STRIDE_LOOP: no division per element. At most max_blocks() blocks in all, as for 1-D grids
+// (the emulator's tiny-grid knob then makes every block-stride loop wrap).
+inline dim3 plane_grid(int64_t width, int64_t rows, int64_t planes) {
+  const int64_t cap = max_blocks();
+  const unsigned int x = grid_axis((width + kThreadsPerBlock - 1) / kThreadsPerBlock, cap);
+  const unsigned int y = grid_axis(rows, std::min<int64_t>(65535, cap / x));
+  const unsigned int z = grid_axis(planes, std::min<int64_t>(65535, cap / (int64_t(x) * y)));
+  return dim3(x, y, z);
+}
+
+// kernel<<<grid, kThreadsPerBlock, 0, stream>>>(args...), then the launch check; in the emulated build, the same
 // call for every thread of the grid.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), int64_t blocks, Stream stream, Args&&... args) {
+void launch_grid(void (*kernel)(Params...), dim3 grid, Stream stream, Args&&... args) {
 #ifdef FCN_FAST_EMULATE_CUDA
   (void)stream;
   const std::tuple<Params...> params(std::forward<Args>(args)...);
-  emu::run_grid(dim3(static_cast<unsigned int>(blocks)), dim3(kThreadsPerBlock), [&] { std::apply(kernel, params); });
+  emu::run_grid(grid, dim3(kThreadsPerBlock), [&] { std::apply(kernel, params); });
 #else
-  kernel<<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreadsPerBlock), 0, stream>>>(std::forward<Args>(args)...);
+  kernel<<<grid, dim3(kThreadsPerBlock), 0, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
+}
+
+inline int64_t block_count(dim3 grid) { return int64_t(grid.x) * grid.y * grid.z; }
+
+// A 1-D launch of `blocks` blocks (blocks_for), for kernels walked by FCN_GRID_STRIDE_LOOP.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t blocks, Stream stream, Args&&... args) {
+  launch_grid(kernel, dim3(static_cast<unsigned int>(blocks)), stream, std::forward<Args>(args)...);
 }
 
 }  // namespace cuda
@@ -115,3 +140,8 @@ void launch(void (*kernel)(Params...), int64_t blocks, Stream stream, Args&&... 
                    static_cast<index_t>(threadIdx.x),                                                             \
                i##_grid_stride = static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x);             \
        i < (n); i += i##_grid_stride)
+
+// for (index_t b = this block's first item along grid axis `axis`; b < n; b += the grid's blocks along it): loops over
+// rows, planes or tiles owned by whole blocks, correct for any grid.
+#define FCN_BLOCK_STRIDE_LOOP(index_t, b, n, axis) \
+  for (index_t b = static_cast<index_t>(blockIdx.axis); b < (n); b += static_cast<index_t>(gridDim.axis))

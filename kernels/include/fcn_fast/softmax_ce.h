@@ -59,6 +59,9 @@ struct CePixelStats {
   acc_t log_sum;           // L = log sum_c exp(z_c - m)
   acc_t target_shifted;    // z_t - m (meaningless for an ignored pixel, whose loss is 0 regardless)
   acc_t weighted_shifted;  // sum_c w_c (z_c - m), with smoothing only (0 without)
+
+  // Class c's share of weighted_shifted, once max is final: a running version would subtract large numbers.
+  FCN_HD void add_smoothing_term(acc_t class_weight, acc_t z) { weighted_shifted += class_weight * (z - max); }
 };
 
 // One streaming pass over the C logits of a pixel: running max and rescaled sum (online softmax), and the target
@@ -83,15 +86,21 @@ struct CeAccumulator {
   }
 };
 
+// The statistics once an accumulator has seen every logit, weighted_shifted still 0 (add_smoothing_term adds it).
+template <typename acc_t>
+FCN_HD CePixelStats<acc_t> ce_stats_of(const CeAccumulator<acc_t>& a) {
+  return CePixelStats<acc_t>{a.max, ce_log(a.sum), a.target_logit - a.max, acc_t(0)};
+}
+
 // The statistics of a pixel whose logits logit(c) are streamed once, twice with smoothing (sum_c w_c (z_c - m) needs
 // the final m: a running version of it would subtract large numbers).
 template <typename acc_t, typename Logit>
 FCN_HD CePixelStats<acc_t> ce_pixel_stats(const CeConfig<acc_t>& cfg, int64_t t, Logit&& logit) {
   CeAccumulator<acc_t> a;
   for (int64_t c = 0; c < cfg.num_classes; ++c) a.add(c, logit(c), t);
-  CePixelStats<acc_t> s{a.max, ce_log(a.sum), a.target_logit - a.max, acc_t(0)};
+  CePixelStats<acc_t> s = ce_stats_of(a);
   if (cfg.smoothing != acc_t(0)) {
-    for (int64_t c = 0; c < cfg.num_classes; ++c) s.weighted_shifted += ce_class_weight(cfg, c) * (logit(c) - a.max);
+    for (int64_t c = 0; c < cfg.num_classes; ++c) s.add_smoothing_term(ce_class_weight(cfg, c), logit(c));
   }
   return s;
 }
