@@ -28,9 +28,10 @@ echo "sanitize: building the cpu and emulated CUDA kernels with -fsanitize=addre
 FCN_FAST_SANITIZE=1 FCN_FAST_BUILD_CUDA=0 FCN_FAST_BUILD_EMULATED=1 MAX_JOBS="${MAX_JOBS:-2}" \
   python setup.py build_ext --inplace > "$scratch/build.log" 2>&1 || { tail -40 "$scratch/build.log"; exit 1; }
 
-# Python itself is not instrumented, so the ASan runtime must be loaded first. Leak checking is off: the
-# interpreter keeps objects alive at exit by design.
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+# Python itself is not instrumented, so the ASan runtime must be loaded first, and libstdc++ with it: otherwise
+# ASan's C++-exception interceptor finds no __cxa_throw and aborts the first time a library loaded later (Triton's,
+# at import) throws. Leak checking is off: the interpreter keeps objects alive at exit by design.
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 echo "sanitize: running the cpu and cuda_emulated op tests"
