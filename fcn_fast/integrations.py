@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fcn_fast.models._base import CoarseOutput
+from fcn_fast.ops import _ce_common
 from fcn_fast.ops.cross_entropy import softmax_cross_entropy
 from fcn_fast.ops.upsample_cross_entropy import upsample_cross_entropy
 
@@ -331,14 +332,7 @@ class SegmentationLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}", f"aux_weight={self.aux_weight}"]
-        if self.weight is not None:
-            parts.append(f"weight=Tensor[{self.weight.shape[0]}]")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.backend is not None:
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return _ce_common.loss_repr(self, shown=[f"aux_weight={self.aux_weight}"])
 
 
 __all__ = ["AUX_WEIGHT", "EVAL_OUTPUTS", "FusedSegmentationModel", "SegmentationLoss", "fuse"]

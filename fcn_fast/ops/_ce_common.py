@@ -3,7 +3,7 @@ reduction, smoothing) and the reduction of per-pixel losses, with F.cross_entrop
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -144,3 +144,17 @@ def make_loss_backward(op: str, backward_op, handed_on=lambda ctx: ()):
         return grad_input, *([None] * (ctx.num_args - 1))
 
     return backward
+
+
+def loss_repr(loss, *, first: Sequence[str] = (), shown: Sequence[str] = (), flags: Sequence[str] = ()) -> str:
+    """``extra_repr`` of a cross-entropy loss module: ``first``, its ignore_index and reduction, ``shown``, then what
+    differs from the defaults (weight, label_smoothing, ``flags``, backend)."""
+    parts = [*first, f"ignore_index={loss.ignore_index}", f"reduction={loss.reduction!r}", *shown]
+    if loss.weight is not None:
+        parts.append(f"weight=Tensor[{loss.weight.shape[0]}]")
+    if loss.label_smoothing:
+        parts.append(f"label_smoothing={loss.label_smoothing}")
+    parts += flags
+    if loss.backend is not None:
+        parts.append(f"backend={loss.backend!r}")
+    return ", ".join(parts)

@@ -356,11 +356,4 @@ class SoftmaxCrossEntropyLoss(torch.nn.Module):
                                      backend=self.backend)
 
     def extra_repr(self) -> str:
-        parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
-        if self.weight is not None:
-            parts.append(f"weight=Tensor[{self.weight.shape[0]}]")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.backend is not None:
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return _ce_common.loss_repr(self)

@@ -346,13 +346,5 @@ class UpsampleCrossEntropyLoss(torch.nn.Module):
                                       check_targets=self.check_targets, backend=self.backend)
 
     def extra_repr(self) -> str:
-        parts = [f"mode={self.mode!r}", f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
-        if self.weight is not None:
-            parts.append(f"weight=Tensor[{self.weight.shape[0]}]")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if not self.check_targets:
-            parts.append("check_targets=False")
-        if self.backend is not None:
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return _ce_common.loss_repr(self, first=[f"mode={self.mode!r}"],
+                                    flags=[] if self.check_targets else ["check_targets=False"])
