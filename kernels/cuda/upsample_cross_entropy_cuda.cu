@@ -89,13 +89,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ coarse, const label_
   }
   if (!per_pixel) {  // uniform across the grid, so every thread reaches the barriers
     __shared__ acc shared[cuda::kThreadsPerBlock];
-    const acc block_loss = cuda::block_sum(thread_loss, shared);
-    __syncthreads();  // thread 0 has read shared[0] before it is overwritten
-    const acc block_denom = cuda::block_sum(thread_denom, shared);
-    if (threadIdx.x == 0) {
-      loss[cuda::linear_block()] = block_loss;
-      denom[cuda::linear_block()] = block_denom;
-    }
+    cuda::write_block_loss_sums(thread_loss, thread_denom, shared, loss, denom);
   }
 }
 

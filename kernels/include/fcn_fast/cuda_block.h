@@ -98,5 +98,19 @@ __device__ __forceinline__ int64_t linear_block() {
   return (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
 }
 
+// A reduced loss's partial sums: the block's loss and "mean" denominator, written by thread 0 at linear_block().
+// Every thread of the block must call it (it meets barriers); `shared` holds kThreadsPerBlock values.
+template <typename acc_t>
+__device__ __forceinline__ void write_block_loss_sums(acc_t thread_loss, acc_t thread_denom, acc_t* shared,
+                                                      acc_t* loss, acc_t* denom) {
+  const acc_t block_loss = block_sum(thread_loss, shared);
+  __syncthreads();  // thread 0 has read shared[0] before it is overwritten
+  const acc_t block_denom = block_sum(thread_denom, shared);
+  if (threadIdx.x == 0) {
+    loss[linear_block()] = block_loss;
+    denom[linear_block()] = block_denom;
+  }
+}
+
 }  // namespace cuda
 }  // namespace fcn_fast
