@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from fcn_fast import _emulator, _extension
+from fcn_fast import _emulator, _extension, _requirements
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,14 @@ def _cuda_error() -> Optional[str]:
 def _triton_error_here() -> Optional[str]:
     if _triton_import_error():
         return _triton_import_error()
-    if not torch.cuda.is_available() and not triton_interpreted():
+    if triton_interpreted():
+        if "interpreter" not in _triton_error:
+            import numpy
+            import triton
+            _triton_error["interpreter"] = _requirements.triton_interpreter_error(triton.__version__,
+                                                                                  numpy.__version__)
+        return _triton_error["interpreter"]
+    if not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
     return None
 

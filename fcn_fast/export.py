@@ -24,11 +24,13 @@ The ONNX graph computes what the op computes, not how (the full-resolution logit
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from fcn_fast._requirements import release
 from fcn_fast.ops._resample import bilinear_filler_1d, deconv_kernel_size
 from fcn_fast.ops.cross_entropy import KERNELS as CE_KERNELS
 
@@ -51,10 +53,29 @@ def dynamic_shapes(example: torch.Tensor, batch: bool = True):
     return ({k: dims[k] for k in sorted(dims)},)
 
 
+# torch before 2.13 computes a pooling layer's output size through a branch on the parity of its input (div_rtn in
+# the meta registration), so torch.export records that parity as a guard for every pooling layer.
+POOLING_PARITY_GUARDS = release(torch.__version__) < (2, 13)
+
+
+def _warn_of_pooling_guards(program: Optional["torch.export.ExportedProgram"]) -> None:
+    """On a torch whose exports guard on pooling parity: a warning, where ``program`` pools, that it takes fewer
+    sizes than asked. The graph is asked rather than the model, which may pool through torch.nn.functional."""
+    if POOLING_PARITY_GUARDS and program is not None and any(n.op == "call_function" and "pool" in str(n.target) for n in program.graph.nodes):
+        warnings.warn(
+            f"torch {torch.__version__} exports pooling layers with a guard on the parity of their input, so the "
+            "exported program takes only heights and widths that give every pooling input the parity the example's "
+            "gives it (for the FCN models: sizes congruent to the example's modulo 32) and fails with 'Guard failed' "
+            "on others; torch >= 2.13 exports any size", stacklevel=3)
+
+
 def export_program(model: nn.Module, example: torch.Tensor, *, dynamic: bool = True) -> "torch.export.ExportedProgram":
     """``torch.export.export`` of ``model(example)`` (eval mode is the caller's choice), with dynamic N, H and W
-    unless ``dynamic=False``."""
-    return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(example) if dynamic else None)
+    unless ``dynamic=False`` (on torch < 2.13 the sizes keep the example's parities: see POOLING_PARITY_GUARDS)."""
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(example) if dynamic else None)
+    if dynamic:
+        _warn_of_pooling_guards(program)
+    return program
 
 
 def save_pt2(model: nn.Module, example: torch.Tensor, path: str, *, dynamic: bool = True) -> str:
@@ -249,6 +270,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, dynamic: 
         custom_translation_table=onnx_translation_table(), input_names=[input_name],
         output_names=list(output_names or _output_names(model, example)), opset_version=opset_version,
         external_data=False, verbose=False)
+    if dynamic:
+        _warn_of_pooling_guards(program.exported_program)
     program.save(path)
     return path
 

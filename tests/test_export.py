@@ -5,6 +5,7 @@ several sizes, and ``fcn-fast export``."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import fcn_fast
 from fcn_fast import models
 from fcn_fast.checkpoint import FORMAT, model_spec, save_atomic
 from fcn_fast.cli import main
-from fcn_fast.export import Labels, export_onnx, export_program, load_pt2, onnx_session, onnx_translation_table, save_pt2
+from fcn_fast.export import (POOLING_PARITY_GUARDS, Labels, export_onnx, export_program, load_pt2, onnx_session,
+                             onnx_translation_table, save_pt2)
 
 
 
@@ -52,7 +54,9 @@ MODELS = [  # (name, build options, sizes: the example's first)
     pytest.param("fcn16s", dict(width=1 / 16), id="fcn16s-caffe", marks=pytest.mark.slow),
     pytest.param("fcn8s_atonce", dict(width=1 / 16), id="fcn8s_atonce", marks=pytest.mark.slow),
 ]
-SIZES = [(64, 80), (97, 51), (130, 128)]
+# Where an export keeps every pooling input's parity (torch < 2.13), the sizes are congruent to the example's modulo 32;
+# test_pooling_parity_guards checks both sides of that.
+SIZES = [(64, 80), (96, 112), (128, 48)] if POOLING_PARITY_GUARDS else [(64, 80), (97, 51), (130, 128)]
 
 
 # ---- torch.export ----------------------------------------------------------------------------------------------
@@ -86,11 +90,34 @@ def test_fcn_fast_labels_pt2_dynamic(tmp_path):
 
 
 def test_named_dynamic_dims_stay_symbolic():
-    """The public ops read sizes without int(): an export with named dynamic dims keeps H and W symbolic."""
+    """The public ops read sizes without int(): an export with named dynamic dims keeps H and W symbolic (torch's
+    own pooling does not before 2.13)."""
     model = _model("fcn8s_resnet50", width=1 / 8)
-    program = torch.export.export(model, (_images((64, 80)),),
-                                  dynamic_shapes={"x": {2: Dim("h", min=64, max=2048), 3: Dim("w", min=64, max=2048)}})
+    dims = {"x": {2: Dim("h", min=64, max=2048), 3: Dim("w", min=64, max=2048)}}
+    if POOLING_PARITY_GUARDS:
+        with pytest.raises(Exception, match=r"Constraints violated \(h, w\)(.|\n)*% 2"):
+            torch.export.export(model, (_images((64, 80)),), dynamic_shapes=dims)
+        return
+    program = torch.export.export(model, (_images((64, 80)),), dynamic_shapes=dims)
     assert {str(v) for v in program.range_constraints.values()} == {"VR[64, 2048]"}
+
+
+@pytest.mark.parametrize("name, options", MODELS[:2])
+def test_pooling_parity_guards(name, options):
+    """A dynamic export takes an image of another parity on torch >= 2.13; before it, it warns that it will not, and
+    the program refuses one with torch's guard message rather than computing something else."""
+    model = _model(name, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = export_program(model, _images((64, 80), n=2)).module()
+    assert sum("parity" in str(w.message) for w in caught) == int(POOLING_PARITY_GUARDS)
+    odd = _images((65, 81))
+    with torch.no_grad():
+        if POOLING_PARITY_GUARDS:
+            with pytest.raises(AssertionError, match="Guard failed"):
+                run(odd)
+        else:
+            assert torch.equal(run(odd), model(odd))
 
 
 def test_fused_torchvision_and_smp_pt2(tmp_path):

@@ -1,5 +1,6 @@
 """The foundation every op stands on: tap tables against PyTorch, the Caffe filler, import without the extension."""
 
+import os
 import re
 import subprocess
 import sys
@@ -140,6 +141,25 @@ def test_older_torch_is_refused_at_import_with_what_was_found_and_what_is_needed
     assert f"found torch {older}" in last, last
     for version in (floor + ".0", floor + ".0a0+git1234", "3.0.0", torch.__version__):
         fcn_fast._requirements.check_torch(version)
+
+
+def test_a_triton_interpreter_that_cannot_run_with_this_numpy_makes_the_backend_unavailable():
+    """Triton before 3.7 interprets loop bounds through int() on one-element arrays, which numpy 2.4 refuses: the
+    backend says so, naming both remedies, instead of failing inside a kernel."""
+    check = fcn_fast._requirements.triton_interpreter_error
+    assert check("3.6.0", "2.3.5") is None and check("3.7.0", "2.4.6") is None and check("3.8.0+git1", "2.4.0") is None
+    message = check("3.6.0", "2.4.1")
+    assert "Triton 3.6.0" in message and "numpy 2.4.1" in message
+    assert "pip install 'numpy<2.4' or 'triton>=3.7'" in message
+    if fcn_fast._backends._triton_import_error():
+        pytest.skip(fcn_fast._backends._triton_import_error())
+    # The versions that break, named to the real modules before fcn_fast reads them.
+    code = ("import numpy, triton; numpy.__version__ = '2.4.0'; triton.__version__ = '3.6.0'\n"
+            "import fcn_fast; print(fcn_fast.available_backends()['triton'].reason)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == check("3.6.0", "2.4.0")
 
 
 def test_the_torch_floor_is_the_same_in_pyproject_the_import_check_and_the_docs():

@@ -157,7 +157,11 @@ def forbid_double_backward(op: str, grads: Tuple[Optional[torch.Tensor], ...],
 
 
 def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # Autocast always exists for "cpu" and "cuda": not asking for those keeps this traceable by Dynamo before torch
+    # 2.13, which cannot trace torch.amp.is_autocast_available.
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def autocast_float32(t: torch.Tensor) -> torch.Tensor:
