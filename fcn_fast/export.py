@@ -61,7 +61,9 @@ POOLING_PARITY_GUARDS = release(torch.__version__) < (2, 13)
 def _warn_of_pooling_guards(program: Optional["torch.export.ExportedProgram"]) -> None:
     """On a torch whose exports guard on pooling parity: a warning, where ``program`` pools, that it takes fewer
     sizes than asked. The graph is asked rather than the model, which may pool through torch.nn.functional."""
-    if POOLING_PARITY_GUARDS and program is not None and any(n.op == "call_function" and "pool" in str(n.target) for n in program.graph.nodes):
+    if not POOLING_PARITY_GUARDS or program is None:
+        return
+    if any(n.op == "call_function" and "pool" in str(n.target) for n in program.graph.nodes):
         warnings.warn(
             f"torch {torch.__version__} exports pooling layers with a guard on the parity of their input, so the "
             "exported program takes only heights and widths that give every pooling input the parity the example's "
